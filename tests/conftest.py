@@ -1,0 +1,11 @@
+"Shared test setup: one thread per process (CI and `pytest -n 2` share two cores) and a modest hypothesis profile."
+import os
+os.environ.setdefault('OMP_NUM_THREADS', '1')  # before torch is imported anywhere
+
+import torch
+from hypothesis import settings
+
+torch.set_num_threads(1)
+
+settings.register_profile('ci', deadline=None, max_examples=50)
+settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
