@@ -8,14 +8,14 @@ Docs: https://fasterprune.github.io/fasterprune/graph.html.md"""
 __all__ = ['passthrough_modules', 'passthrough_functions', 'passthrough_methods', 'bn_types', 'ModelGraph', 'following',
            'following_bns']
 
-# %% ../nbs/03_graph.ipynb #6196127a
+# %% ../nbs/03_graph.ipynb #99a847c9
 import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn, fx
 from fastcore.basics import store_attr
 
-# %% ../nbs/03_graph.ipynb #b81546ab
+# %% ../nbs/03_graph.ipynb #42755520
 passthrough_modules = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Identity,
                        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -27,7 +27,7 @@ passthrough_functions = {F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.le
 passthrough_methods = {'relu', 'relu_', 'tanh', 'contiguous'}
 bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-# %% ../nbs/03_graph.ipynb #955d999e
+# %% ../nbs/03_graph.ipynb #09971027
 class ModelGraph:
     "The data flow between a model's modules, traced with torch.fx (or forward hooks as a fallback)"
     def __init__(self,
@@ -53,7 +53,7 @@ class ModelGraph:
 
     def __repr__(self): return f"ModelGraph({type(self.model).__name__}, mode={self.mode})"
 
-# %% ../nbs/03_graph.ipynb #cf73a21c
+# %% ../nbs/03_graph.ipynb #0a0855ff
 def _is_passthrough(graph, node):
     if node.op == 'call_module': return isinstance(graph.modules.get(node.target), passthrough_modules)
     if node.op == 'call_function': return node.target in passthrough_functions
@@ -76,7 +76,7 @@ def _index_fx(self):
         self._next[node.target] += [f for f in found if f not in self._next[node.target]]
 ModelGraph._index_fx = _index_fx
 
-# %% ../nbs/03_graph.ipynb #f7180a26
+# %% ../nbs/03_graph.ipynb #898b9933
 def _index_hooks(self, x):
     producer, hooks = {}, []
     def hook(mod, inp, out, name=None):
@@ -95,7 +95,7 @@ def _index_hooks(self, x):
         for h in hooks: h.remove()
 ModelGraph._index_hooks = _index_hooks
 
-# %% ../nbs/03_graph.ipynb #79e88950
+# %% ../nbs/03_graph.ipynb #152b9e47
 def following(self, name:str)->list:
     "Modules reading the output of module `name`, through pass-through operations"
     return list(self._next.get(name, []))

@@ -7,8 +7,9 @@ Docs: https://fasterprune.github.io/fasterprune/sparsifier.html.md"""
 # %% auto #0
 __all__ = ['scopes', 'kth_smallest', 'select_smallest', 'check_sparsity', 'prunable_layers', 'Sparsifier']
 
-# %% ../nbs/04_sparsifier.ipynb #a75ea5b2
+# %% ../nbs/04_sparsifier.ipynb #c5001284
 import math, numbers, fnmatch
+import numpy as np
 import torch
 import pandas as pd
 from torch import nn
@@ -17,55 +18,101 @@ from .granularities import Grouping, granularity_table, known_granularities, red
 from .criteria import Layer, large_final, get_criterion
 from .graph import ModelGraph
 
-# %% ../nbs/04_sparsifier.ipynb #8c92b6c1
-_SAMPLE = 1 << 16
+# %% ../nbs/04_sparsifier.ipynb #9e0415ed
+_SAMPLE, _SMALL = 1 << 16, 1 << 14
 
-def _count(scores, op, v): return sum(int(op(s, v).sum()) for s in scores)
+class _Torch:
+    "Array operations for the selection, on torch tensors (any device)"
+    cat = staticmethod(torch.cat)
+    @staticmethod
+    def count(a): return int(torch.count_nonzero(a))
+    @staticmethod
+    def kth(a, k): return a.kthvalue(k).values.item()
+    @staticmethod
+    def kths(a, ks): return [a.kthvalue(k).values.item() for k in ks]
+    @staticmethod
+    def first(eq, r): return eq.nonzero().squeeze(1)[:r]
+
+class _Numpy:
+    "The same on numpy views of CPU tensors: its comparisons and counts run several times faster on the CPU"
+    cat = staticmethod(np.concatenate)
+    count = staticmethod(np.count_nonzero)
+    @staticmethod
+    def kth(a, k): return np.partition(a, k - 1)[k - 1].item()
+    @staticmethod
+    def kths(a, ks): p = np.partition(a, [k - 1 for k in ks]); return [p[k - 1].item() for k in ks]
+    @staticmethod
+    def first(eq, r): return np.flatnonzero(eq)[:r]
+
+def _backend(scores):
+    "Numpy views of CPU float tensors (no copy), else the tensors themselves"
+    if all(s.device.type == 'cpu' and s.dtype in (torch.float32, torch.float64) for s in scores):
+        return _Numpy, [s.detach().numpy() for s in scores]
+    return _Torch, scores
+
+def _kth(xp, scores, k):
+    "The `k`-th smallest value over `scores` (arrays of backend `xp`), and whether it occurs only once"
+    n = sum(s.size if xp is _Numpy else s.numel() for s in scores)
+    if not 1 <= k <= n: raise ValueError(f"k={k} is outside [1, {n}]")
+    count = lambda pred: sum(xp.count(pred(s)) for s in scores)
+    gather = lambda pred: xp.cat([s[pred(s)] for s in scores])
+    if n <= _SMALL:
+        allv = xp.cat(scores)
+        t = xp.kth(allv, k)
+        return t, xp.count(allv == t) == 1
+    stride = max(1, n // min(_SAMPLE, max(_SMALL // 4, n // 64)))
+    sample = xp.cat([s[::stride] for s in scores])
+    m, q = len(sample), k / n
+    d = 4 * math.sqrt(q * (1 - q) / m) + 2 / m
+    lo, hi = xp.kths(sample, [1 + min(m - 1, max(0, int(p * m))) for p in (q - d, q + d)])
+    tied = lambda v: xp.count(sample == v) > 1
+    lt_lo = count(lambda s: s < lo)
+    if k <= lt_lo: cands, base = gather(lambda s: s < lo), 0 # bracket missed low: rare
+    elif lo == hi or tied(lo) or tied(hi): # a block of equal scores at a bound: count it instead of gathering it
+        le_lo = count(lambda s: s <= lo)
+        if k <= le_lo: return lo, False
+        lt_hi = count(lambda s: s < hi)
+        if k <= lt_hi: cands, base = gather(lambda s: (s > lo) & (s < hi)), le_lo
+        else:
+            le_hi = count(lambda s: s <= hi)
+            if k <= le_hi: return hi, False
+            cands, base = gather(lambda s: s > hi), le_hi # missed high: rare
+    else:
+        cands, base = gather(lambda s: (s >= lo) & (s <= hi)), lt_lo
+        if k > base + len(cands): # bracket missed high: rare
+            cands, base = gather(lambda s: s > hi), base + len(cands)
+    t = xp.kth(cands, k - base)
+    return t, xp.count(cands == t) == 1
 
 def kth_smallest(scores:list, # flat score tensors
                  k:int, # 1-based rank, 1 <= k <= total size
                 )->float:
     "The `k`-th smallest value over all `scores`, without concatenating them"
-    n = sum(s.numel() for s in scores)
-    if not 1 <= k <= n: raise ValueError(f"k={k} is outside [1, {n}]")
-    if n <= 4 * _SAMPLE: return torch.cat(scores).kthvalue(k).values.item()
-    stride = max(1, n // _SAMPLE)
-    sample = torch.cat([s[::stride] for s in scores]).sort().values
-    m, q = sample.numel(), k / n
-    d = 4 * math.sqrt(q * (1 - q) / m) + 2 / m
-    lo, hi = sample[max(0, int((q - d) * m))].item(), sample[min(m - 1, int((q + d) * m))].item()
-    lt_lo, le_lo = _count(scores, torch.lt, lo), _count(scores, torch.le, lo)
-    if lt_lo < k <= le_lo: return lo
-    if k <= lt_lo: lo, hi, base = -math.inf, lo, 0
-    else:
-        lt_hi, le_hi = _count(scores, torch.lt, hi), _count(scores, torch.le, hi)
-        if lt_hi < k <= le_hi: return hi
-        if k > le_hi: lo, hi, base = hi, math.inf, le_hi
-        else: base = le_lo
-    cands = torch.cat([s[(s > lo) & (s < hi)] for s in scores])
-    return cands.kthvalue(k - base).values.item()
+    return _kth(*_backend(scores), k)[0]
 
-# %% ../nbs/04_sparsifier.ipynb #b707546a
+# %% ../nbs/04_sparsifier.ipynb #5800ddaf
 def select_smallest(scores:list, # flat score tensors
                     k:int, # how many to mark
                    )->list: # bool tensors, True = among the k smallest
     "Mark exactly the `k` smallest scores; ties go to the earlier tensor, then the earlier position"
-    out = [torch.zeros_like(s, dtype=torch.bool) for s in scores]
-    if k <= 0: return out
-    t = kth_smallest(scores, k)
-    r = k
-    for s, o in zip(scores, out):
-        torch.lt(s, t, out=o)
-        r -= int(o.sum())
-    for s, o in zip(scores, out):
-        if r <= 0: break
-        eq = s == t
-        c = int(eq.sum())
-        if c <= r: o |= eq; r -= c
-        else: o[eq.nonzero().squeeze(1)[:r]] = True; r = 0
-    return out
+    if k <= 0: return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
+    xp, arrs = _backend(scores)
+    t, unique = _kth(xp, arrs, k)
+    if unique: out = [a <= t for a in arrs]
+    else:
+        out, r = [], k
+        for a in arrs:
+            out.append(a < t)
+            r -= xp.count(out[-1])
+        for a, o in zip(arrs, out):
+            if r <= 0: break
+            eq = a == t
+            c = xp.count(eq)
+            if c <= r: o |= eq; r -= c
+            else: o[xp.first(eq, r)] = True; r = 0
+    return [torch.from_numpy(o) for o in out] if xp is _Numpy else out
 
-# %% ../nbs/04_sparsifier.ipynb #d50b8b58
+# %% ../nbs/04_sparsifier.ipynb #4306f0db
 scopes = ('local', 'global')
 
 def check_sparsity(v, name:str='sparsity')->float:
@@ -78,7 +125,7 @@ def check_sparsity(v, name:str='sparsity')->float:
         raise ValueError(f"`{name}`={v!r} is outside [0, 1]{hint}: sparsity is the fraction of weights to remove")
     return v
 
-# %% ../nbs/04_sparsifier.ipynb #701d4d18
+# %% ../nbs/04_sparsifier.ipynb #5b2d8214
 def _spec_matches(spec, name, m):
     if isinstance(spec, str): return fnmatch.fnmatchcase(name, spec)
     if isinstance(spec, type): return isinstance(m, spec)
@@ -109,7 +156,7 @@ def prunable_layers(model:nn.Module, # the model
             seen.add(id(m.weight)); out.append((n, m))
     return out
 
-# %% ../nbs/04_sparsifier.ipynb #6fbce9a2
+# %% ../nbs/04_sparsifier.ipynb #42454ed2
 class Sparsifier:
     "Compute exact pruning masks for the layers of `model` and apply them"
     def __init__(self,
@@ -154,7 +201,7 @@ class Sparsifier:
         return (f"Sparsifier({len(self.layers)} layers, sparsity={self.sparsity}, granularity={self.granularity!r}, "
                 f"criterion={self.criterion!r}, scope={self.scope!r})")
 
-# %% ../nbs/04_sparsifier.ipynb #f212d9ba
+# %% ../nbs/04_sparsifier.ipynb #e76dd851
 @patch
 def _targets(self:Sparsifier, names, layer_sparsity):
     targets = {n: self.sparsity for n in names}
@@ -169,7 +216,7 @@ def _targets(self:Sparsifier, names, layer_sparsity):
         for n in hits: targets[n] = v; self.local_only.add(n)
     return targets
 
-# %% ../nbs/04_sparsifier.ipynb #0056315a
+# %% ../nbs/04_sparsifier.ipynb #d557cf52
 def _n_prunable(gr, s): return round(s * gr.numel / gr.per_group)
 def _cap(gr): return gr.n_groups if gr.nm else gr.n_groups - 1
 
@@ -192,11 +239,21 @@ def group_counts(self:Sparsifier, share:float=1.)->dict:
             out[key] = min(_n_prunable(gr, self.targets[key] * share), _cap(gr))
     return out
 
-# %% ../nbs/04_sparsifier.ipynb #c83c0ef8
+# %% ../nbs/04_sparsifier.ipynb #77802313
+def _protect_best(layers, g):
+    "Scores where each layer's last-ranked group (its largest, the last of equals) can never be selected"
+    out = []
+    for l, gi in zip(layers, g):
+        if not l.grouping.nm:
+            gi = gi.clone()
+            gi[gi.numel() - 1 - int(gi.flip(0).argmax())] = math.inf
+        out.append(gi)
+    return out
+
 @patch
 def _scores(self:Sparsifier, l):
     s = self.criterion.score(l, self.state.get(l.name))
-    if not bool(torch.isfinite(s).all()):
+    if not bool(torch.isfinite(s.sum())) and not bool(torch.isfinite(s).all()): # a sum is the cheap first check
         raise FloatingPointError(f"criterion {self.criterion!r} gave non-finite scores on layer `{l.name}`: its weights "
                                  "(or the criterion's state) hold NaN or inf")
     return s
@@ -205,15 +262,13 @@ def _scores(self:Sparsifier, l):
 def _compute(self:Sparsifier, layers, k, scope):
     s = [self._scores(l) for l in layers]
     g = self.criterion.normalize([l.grouping.reduce_scores(si.float(), self.reduce) for l, si in zip(layers, s)], scope)
-    if scope == 'global':
-        g = [gi.clone() for gi in g]
-        for l, gi in zip(layers, g):
-            if not l.grouping.nm: gi[gi.argmax()] = math.inf # each layer's best group is never a candidate
     pruned = select_smallest(g, k)
+    if scope == 'global' and any(bool(p.all()) for l, p in zip(layers, pruned) if not l.grouping.nm):
+        pruned = select_smallest(_protect_best(layers, g), k)
     for l, si, p in zip(layers, s, pruned):
         self.masks[l.name] = l.grouping.make_mask(~p, si).to(l.weight.device)
 
-# %% ../nbs/04_sparsifier.ipynb #3ee0b810
+# %% ../nbs/04_sparsifier.ipynb #00b5daeb
 @patch
 def update(self:Sparsifier, share:float=1., force:bool=False)->bool:
     "Recompute the masks whose group count changed at `share` of the target, then apply them"
@@ -234,7 +289,7 @@ def prune(self:Sparsifier, sparsity:float=None):
     self.update(1., force=True)
     return self
 
-# %% ../nbs/04_sparsifier.ipynb #0571e2a1
+# %% ../nbs/04_sparsifier.ipynb #e786afa1
 @patch
 def _targets_of(self:Sparsifier, l, attr='data'):
     "The tensors a mask of `l` applies to: weight and, for filters, bias and BatchNorm"
@@ -256,7 +311,7 @@ def _mask_tensors(self:Sparsifier, attr):
         om = l.grouping.out_mask(m)
         if om is not None:
             for t in extra:
-                if t is not None: t.mul_(om)
+                if t is not None: t.mul_(om.view(torch.uint8))
 
 @patch
 def apply(self:Sparsifier):
@@ -274,7 +329,7 @@ def accumulate(self:Sparsifier):
     for l in self.layers:
         if l.name in self.state: self.criterion.accumulate(l, self.state[l.name])
 
-# %% ../nbs/04_sparsifier.ipynb #cc9b4f83
+# %% ../nbs/04_sparsifier.ipynb #4ff05c4e
 @patch
 def report(self:Sparsifier)->pd.DataFrame:
     "Per-layer sparsity measured from the weights, with an overall row"
@@ -295,7 +350,7 @@ def sparsity_achieved(self:Sparsifier)->float:
     z = sum(int((l.weight.detach() == 0).sum()) for l in self.layers)
     return z / sum(l.weight.numel() for l in self.layers)
 
-# %% ../nbs/04_sparsifier.ipynb #fde76004
+# %% ../nbs/04_sparsifier.ipynb #7fab0705
 @patch
 def state_dict(self:Sparsifier)->dict:
     "Masks, group counts and criterion state, on the CPU"
