@@ -8,13 +8,13 @@ Docs: https://fasterprune.github.io/fasterprune/criteria.html.md"""
 __all__ = ['large_final', 'random', 'movement', 'taylor', 'lamp', 'criteria', 'Layer', 'Criterion', 'LargeFinal',
            'RandomCriterion', 'Movement', 'Taylor', 'lamp_scores', 'LAMP', 'get_criterion']
 
-# %% ../nbs/02_criteria.ipynb #8d5d095b
+# %% ../nbs/02_criteria.ipynb #bba7860b
 import zlib
 import torch
 from torch import nn
 from fastcore.basics import store_attr
 
-# %% ../nbs/02_criteria.ipynb #ad39eccb
+# %% ../nbs/02_criteria.ipynb #19380484
 class Layer:
     "A layer being pruned, as criteria see it"
     def __init__(self,
@@ -28,7 +28,7 @@ class Layer:
     def weight(self): return self.module.weight
     def __repr__(self): return f"Layer({self.name!r}, {type(self.module).__name__})"
 
-# %% ../nbs/02_criteria.ipynb #04ea4665
+# %% ../nbs/02_criteria.ipynb #9f2ce650
 class Criterion:
     "Base class: scores weights, larger = keep"
     needs_grad = False
@@ -38,7 +38,7 @@ class Criterion:
     def normalize(self, scores:list, scope:str)->list: return scores
     def __repr__(self): return self.__class__.__name__.lower()
 
-# %% ../nbs/02_criteria.ipynb #f180499a
+# %% ../nbs/02_criteria.ipynb #3e37f7a5
 class LargeFinal(Criterion):
     "Magnitude: |W|"
     def score(self, layer, state=None): return layer.weight.detach().abs()
@@ -46,7 +46,7 @@ class LargeFinal(Criterion):
 
 large_final = LargeFinal()
 
-# %% ../nbs/02_criteria.ipynb #502dde56
+# %% ../nbs/02_criteria.ipynb #5f1730d0
 class RandomCriterion(Criterion):
     "Uniform random scores, reproducible from `seed` and the layer's name"
     def __init__(self, seed:int=0): self.seed = seed
@@ -58,7 +58,7 @@ class RandomCriterion(Criterion):
 
 random = RandomCriterion(0)
 
-# %% ../nbs/02_criteria.ipynb #46246bfa
+# %% ../nbs/02_criteria.ipynb #e0405a80
 class Movement(Criterion):
     "Movement pruning (Sanh et al. 2020): scores accumulate -grad*W after every backward pass"
     needs_grad = True
@@ -71,7 +71,7 @@ class Movement(Criterion):
 
 movement = Movement()
 
-# %% ../nbs/02_criteria.ipynb #9d282a43
+# %% ../nbs/02_criteria.ipynb #6bad3635
 class Taylor(Criterion):
     "First-order Taylor importance, accumulated: sum over steps of |W*grad|"
     needs_grad = True
@@ -84,7 +84,7 @@ class Taylor(Criterion):
 
 taylor = Taylor()
 
-# %% ../nbs/02_criteria.ipynb #18ed3683
+# %% ../nbs/02_criteria.ipynb #000ef952
 def lamp_scores(s:torch.Tensor)->torch.Tensor:
     "LAMP transform of one layer's flat scores"
     sq = s.double().square()
@@ -102,7 +102,7 @@ class LAMP(LargeFinal):
 
 lamp = LAMP()
 
-# %% ../nbs/02_criteria.ipynb #20840d4a
+# %% ../nbs/02_criteria.ipynb #3888cb5e
 criteria = dict(large_final=large_final, random=random, movement=movement, taylor=taylor, lamp=lamp)
 
 def get_criterion(criterion, name:str='criterion')->Criterion:

@@ -8,13 +8,13 @@ Docs: https://fasterprune.github.io/fasterprune/schedules.html.md"""
 __all__ = ['builtin_schedules', 'ramp', 'one_cycle', 'agp', 'one_shot', 'iterative', 'lin', 'cos', 'dsd', 'plot_schedules',
            'check_schedule']
 
-# %% ../nbs/00_schedules.ipynb #481d77f7
+# %% ../nbs/00_schedules.ipynb #215c0df5
 import math
 from functools import partial
 import numpy as np
 from fastcore.basics import store_attr
 
-# %% ../nbs/00_schedules.ipynb #d8eee3ac
+# %% ../nbs/00_schedules.ipynb #1399e301
 def ramp(pos:float, # training progress in [0, 1]
          start:float=0., # where the window opens
          end:float=1., # where the window closes
@@ -24,7 +24,7 @@ def ramp(pos:float, # training progress in [0, 1]
     if pos >= end: return 1.
     return (pos - start) / (end - start)
 
-# %% ../nbs/00_schedules.ipynb #294ffa38
+# %% ../nbs/00_schedules.ipynb #5a8e5b84
 def one_cycle(pos:float, # training progress in [0, 1]
               alpha:float=14., # steepness of the logistic
               beta:float=6., # offset: the curve is centred near `beta/alpha`
@@ -32,7 +32,7 @@ def one_cycle(pos:float, # training progress in [0, 1]
     "One-Cycle Pruning's logistic schedule (Hubens et al. 2021), from the first batch to the last"
     return (1 + math.exp(beta - alpha)) / (1 + math.exp(beta - alpha * pos))
 
-# %% ../nbs/00_schedules.ipynb #cf23505f
+# %% ../nbs/00_schedules.ipynb #760cdc1c
 def agp(pos:float, # training progress in [0, 1]
         start:float=0.2, # where pruning starts
         end:float=1., # where the target is reached
@@ -42,14 +42,14 @@ def agp(pos:float, # training progress in [0, 1]
     if pos < start: return 0. if initial == 0 else initial
     return 1 + (initial - 1) * (1 - ramp(pos, start, end))**3
 
-# %% ../nbs/00_schedules.ipynb #94c1481c
+# %% ../nbs/00_schedules.ipynb #13a1e8c8
 def one_shot(pos:float, # training progress in [0, 1]
              start:float=0.4, # when the whole target is pruned at once
             )->float: # share of the target sparsity
     "Dense until `start`, then the whole target at once"
     return 1. if pos >= start else 0.
 
-# %% ../nbs/00_schedules.ipynb #cf24e6ac
+# %% ../nbs/00_schedules.ipynb #2163924b
 def iterative(pos:float, # training progress in [0, 1]
               start:float=0.2, # when the first step is pruned
               n_steps:int=3, # number of equal steps
@@ -57,7 +57,7 @@ def iterative(pos:float, # training progress in [0, 1]
     "Dense until `start`, then `n_steps` equal jumps, each followed by an equal fine-tuning phase"
     return math.ceil(n_steps * ramp(pos, start, 1.) - 1e-9) / n_steps
 
-# %% ../nbs/00_schedules.ipynb #9b60eb3e
+# %% ../nbs/00_schedules.ipynb #bedddb8a
 def lin(pos:float, # training progress in [0, 1]
         start:float=0., # where pruning starts
         end:float=1., # where the target is reached
@@ -78,7 +78,7 @@ def dsd(pos:float, # training progress in [0, 1]
     "Dense-sparse-dense: cosine up to the target at `mid`, cosine back down to dense at the end"
     return cos(pos, 0., mid) if pos <= mid else 1 - cos(pos, mid, 1.)
 
-# %% ../nbs/00_schedules.ipynb #941f3338
+# %% ../nbs/00_schedules.ipynb #95dad89d
 def plot_schedules(scheds:dict|list, # schedules, as `{label: schedule}` or a list of functions
                    n:int=400, # number of positions evaluated
                    ax=None, # matplotlib axes to draw on
@@ -94,10 +94,10 @@ def plot_schedules(scheds:dict|list, # schedules, as `{label: schedule}` or a li
     ax.legend(); ax.grid(alpha=0.3)
     return ax
 
-# %% ../nbs/00_schedules.ipynb #be24f4bf
+# %% ../nbs/00_schedules.ipynb #370b8d62
 builtin_schedules = dict(one_shot=one_shot, iterative=iterative, agp=agp, one_cycle=one_cycle, lin=lin, cos=cos, dsd=dsd)
 
-# %% ../nbs/00_schedules.ipynb #e4aa5d90
+# %% ../nbs/00_schedules.ipynb #8d689efc
 def check_schedule(schedule, # the schedule to check
                    name:str='schedule', # the argument's name, for the error message
                   ):
