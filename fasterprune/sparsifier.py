@@ -7,7 +7,7 @@ Docs: https://fasterprune.github.io/fasterprune/sparsifier.html.md"""
 # %% auto #0
 __all__ = ['scopes', 'LazyScores', 'kth_smallest', 'select_smallest', 'check_sparsity', 'prunable_layers', 'Sparsifier']
 
-# %% ../nbs/04_sparsifier.ipynb #ac4a9479
+# %% ../nbs/04_sparsifier.ipynb #0133770c
 import math, numbers, fnmatch
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from .granularities import Grouping, granularity_table, known_granularities, red
 from .criteria import Layer, large_final, get_criterion
 from .graph import ModelGraph
 
-# %% ../nbs/04_sparsifier.ipynb #591f16d5
+# %% ../nbs/04_sparsifier.ipynb #abbe0b93
 _SAMPLE, _SMALL = 1 << 16, 1 << 14
 
 class _Torch:
@@ -98,7 +98,7 @@ def kth_smallest(scores:list, # flat score tensors
     "The `k`-th smallest value over all `scores`, without concatenating them"
     return _kth(*_backend(scores), k)[0]
 
-# %% ../nbs/04_sparsifier.ipynb #cb8c2dca
+# %% ../nbs/04_sparsifier.ipynb #62f65036
 def select_smallest(scores:list, # flat score tensors
                     k:int, # how many to mark
                    )->list: # bool tensors, True = among the k smallest
@@ -120,7 +120,7 @@ def select_smallest(scores:list, # flat score tensors
             else: o[xp.first(eq, r)] = True; r = 0
     return [torch.from_numpy(o) for o in out] if xp is _Numpy else out
 
-# %% ../nbs/04_sparsifier.ipynb #b8ec526e
+# %% ../nbs/04_sparsifier.ipynb #db19d00e
 scopes = ('local', 'global')
 
 def check_sparsity(v, name:str='sparsity')->float:
@@ -133,7 +133,7 @@ def check_sparsity(v, name:str='sparsity')->float:
         raise ValueError(f"`{name}`={v!r} is outside [0, 1]{hint}: sparsity is the fraction of weights to remove")
     return v
 
-# %% ../nbs/04_sparsifier.ipynb #834d21f4
+# %% ../nbs/04_sparsifier.ipynb #47e1def3
 def _spec_matches(spec, name, m):
     if isinstance(spec, str): return fnmatch.fnmatchcase(name, spec)
     if isinstance(spec, type): return isinstance(m, spec)
@@ -164,7 +164,7 @@ def prunable_layers(model:nn.Module, # the model
             seen.add(id(m.weight)); out.append((n, m))
     return out
 
-# %% ../nbs/04_sparsifier.ipynb #53f10a67
+# %% ../nbs/04_sparsifier.ipynb #0912dfa4
 class Sparsifier:
     "Compute exact pruning masks for the layers of `model` and apply them"
     def __init__(self,
@@ -188,6 +188,7 @@ class Sparsifier:
         if not any(granularity in e['dims'] for e in granularity_table.values()) and ':' not in granularity:
             raise ValueError(f"`granularity`={granularity!r} is unknown; use one of {known_granularities()}")
         if not isinstance(model, nn.Module): raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module # same names on every rank as in one process
         store_attr('model,granularity,scope,reduce')
         pairs = prunable_layers(model, include, exclude)
         if not pairs: raise ValueError(f"`model` ({type(model).__name__}) has no prunable layer (Linear, Conv or ConvTranspose with a weight)")
@@ -209,7 +210,7 @@ class Sparsifier:
         return (f"Sparsifier({len(self.layers)} layers, sparsity={self.sparsity}, granularity={self.granularity!r}, "
                 f"criterion={self.criterion!r}, scope={self.scope!r})")
 
-# %% ../nbs/04_sparsifier.ipynb #c5734ce2
+# %% ../nbs/04_sparsifier.ipynb #a6d7b08e
 @patch
 def _targets(self:Sparsifier, names, layer_sparsity):
     targets = {n: self.sparsity for n in names}
@@ -224,7 +225,7 @@ def _targets(self:Sparsifier, names, layer_sparsity):
         for n in hits: targets[n] = v; self.local_only.add(n)
     return targets
 
-# %% ../nbs/04_sparsifier.ipynb #84debf40
+# %% ../nbs/04_sparsifier.ipynb #78476034
 def _n_prunable(gr, s): return round(s * gr.numel / gr.per_group)
 def _cap(gr): return gr.n_groups if gr.nm else gr.n_groups - 1
 
@@ -247,7 +248,7 @@ def group_counts(self:Sparsifier, share:float=1.)->dict:
             out[key] = min(_n_prunable(gr, self.targets[key] * share), _cap(gr))
     return out
 
-# %% ../nbs/04_sparsifier.ipynb #5d33e4ef
+# %% ../nbs/04_sparsifier.ipynb #787a012f
 def _protect(gi):
     "`gi` with its last-ranked group (its largest, the last of equals) set to +inf"
     gi = gi.clone()
@@ -289,7 +290,7 @@ def _compute(self:Sparsifier, layers, k, scope):
         si = self._scores(l) if l.grouping.nm else None # N:M masks need the weight scores again
         self.masks[l.name] = l.grouping.make_mask(~p, si).to(l.weight.device)
 
-# %% ../nbs/04_sparsifier.ipynb #0a161736
+# %% ../nbs/04_sparsifier.ipynb #924dd291
 @patch
 def update(self:Sparsifier, share:float=1., force:bool=False)->bool:
     "Recompute the masks whose group count changed at `share` of the target, then apply them"
@@ -310,7 +311,7 @@ def prune(self:Sparsifier, sparsity:float=None):
     self.update(1., force=True)
     return self
 
-# %% ../nbs/04_sparsifier.ipynb #d9bfc0b0
+# %% ../nbs/04_sparsifier.ipynb #f3c9e729
 @patch
 def _targets_of(self:Sparsifier, l, attr='data'):
     "The tensors a mask of `l` applies to: weight and, for filters, bias and BatchNorm"
@@ -350,7 +351,7 @@ def accumulate(self:Sparsifier):
     for l in self.layers:
         if l.name in self.state: self.criterion.accumulate(l, self.state[l.name])
 
-# %% ../nbs/04_sparsifier.ipynb #a48b9f1b
+# %% ../nbs/04_sparsifier.ipynb #356ea283
 @patch
 def report(self:Sparsifier)->pd.DataFrame:
     "Per-layer sparsity measured from the weights, with an overall row"
@@ -371,7 +372,7 @@ def sparsity_achieved(self:Sparsifier)->float:
     z = sum(int((l.weight.detach() == 0).sum()) for l in self.layers)
     return z / sum(l.weight.numel() for l in self.layers)
 
-# %% ../nbs/04_sparsifier.ipynb #46b134ca
+# %% ../nbs/04_sparsifier.ipynb #19ee4511
 @patch
 def state_dict(self:Sparsifier)->dict:
     "Masks, group counts and criterion state, on the CPU"
