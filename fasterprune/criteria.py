@@ -8,13 +8,13 @@ Docs: https://fasterprune.github.io/fasterprune/criteria.html.md"""
 __all__ = ['large_final', 'movement', 'taylor', 'lamp', 'criteria', 'Layer', 'Criterion', 'LargeFinal', 'RandomCriterion',
            'Movement', 'Taylor', 'lamp_scores', 'LAMP', 'get_criterion']
 
-# %% ../nbs/02_criteria.ipynb #b3182fae
+# %% ../nbs/02_criteria.ipynb #ff81c035
 import zlib
 import torch
 from torch import nn
 from fastcore.basics import store_attr
 
-# %% ../nbs/02_criteria.ipynb #c5bb2b9f
+# %% ../nbs/02_criteria.ipynb #a1644324
 class Layer:
     "A layer being pruned, as criteria see it"
     def __init__(self,
@@ -28,7 +28,7 @@ class Layer:
     def weight(self): return self.module.weight
     def __repr__(self): return f"Layer({self.name!r}, {type(self.module).__name__})"
 
-# %% ../nbs/02_criteria.ipynb #037954de
+# %% ../nbs/02_criteria.ipynb #1ee035e6
 class Criterion:
     "Base class: scores weights, larger = keep"
     needs_grad = False
@@ -38,7 +38,7 @@ class Criterion:
     def normalize(self, scores:list, scope:str)->list: return scores
     def __repr__(self): return self.__class__.__name__.lower()
 
-# %% ../nbs/02_criteria.ipynb #db430409
+# %% ../nbs/02_criteria.ipynb #09f24905
 class LargeFinal(Criterion):
     "Magnitude: |W|"
     def score(self, layer, state=None): return layer.weight.detach().abs()
@@ -46,7 +46,7 @@ class LargeFinal(Criterion):
 
 large_final = LargeFinal()
 
-# %% ../nbs/02_criteria.ipynb #0aea7827
+# %% ../nbs/02_criteria.ipynb #d285d2e2
 class RandomCriterion(Criterion):
     "Uniform random scores, reproducible from `seed` and the layer's name"
     def __init__(self, seed:int=0): self.seed = seed
@@ -56,10 +56,10 @@ class RandomCriterion(Criterion):
         return torch.rand(w.shape, generator=g).to(w.device)
     def __repr__(self): return f'random(seed={self.seed})'
 
-# %% ../nbs/02_criteria.ipynb #560ff9d7
+# %% ../nbs/02_criteria.ipynb #5e313fe6
 random = RandomCriterion(0)
 
-# %% ../nbs/02_criteria.ipynb #de7f9f46
+# %% ../nbs/02_criteria.ipynb #689fa171
 class Movement(Criterion):
     "Movement pruning (Sanh et al. 2020): scores accumulate -grad*W after every backward pass"
     needs_grad = True
@@ -72,7 +72,7 @@ class Movement(Criterion):
 
 movement = Movement()
 
-# %% ../nbs/02_criteria.ipynb #6d35d5ac
+# %% ../nbs/02_criteria.ipynb #3c06d1cf
 class Taylor(Criterion):
     "First-order Taylor importance, accumulated: sum over steps of |W*grad|"
     needs_grad = True
@@ -85,7 +85,7 @@ class Taylor(Criterion):
 
 taylor = Taylor()
 
-# %% ../nbs/02_criteria.ipynb #745e6b55
+# %% ../nbs/02_criteria.ipynb #581b112d
 def lamp_scores(s:torch.Tensor)->torch.Tensor:
     "LAMP transform of one layer's flat scores"
     sq = s.double().square()
@@ -103,11 +103,14 @@ class LAMP(LargeFinal):
 
 lamp = LAMP()
 
-# %% ../nbs/02_criteria.ipynb #0a9f398e
+# %% ../nbs/02_criteria.ipynb #389e33c2
 criteria = dict(large_final=large_final, random=random, movement=movement, taylor=taylor, lamp=lamp)
 
 def get_criterion(criterion, name:str='criterion')->Criterion:
     "`criterion` itself if it is a `Criterion`, else the built-in of that name"
     if isinstance(criterion, Criterion): return criterion
+    if criterion in ('lookahead', 'lookahead_bn'): # defined in `fasterprune.lookahead`, which builds on this module
+        import fasterprune.lookahead as la
+        return getattr(la, criterion)
     if isinstance(criterion, str) and criterion in criteria: return criteria[criterion]
     raise ValueError(f"`{name}`={criterion!r} is not a criterion; use a `Criterion` or one of {list(criteria)}")

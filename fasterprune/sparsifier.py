@@ -7,8 +7,8 @@ Docs: https://fasterprune.github.io/fasterprune/sparsifier.html.md"""
 # %% auto #0
 __all__ = ['scopes', 'LazyScores', 'kth_smallest', 'select_smallest', 'check_sparsity', 'prunable_layers', 'Sparsifier']
 
-# %% ../nbs/04_sparsifier.ipynb #0133770c
-import math, numbers, fnmatch
+# %% ../nbs/04_sparsifier.ipynb #61b3fa91
+import math, numbers, fnmatch, contextlib
 import numpy as np
 import torch
 import pandas as pd
@@ -18,7 +18,7 @@ from .granularities import Grouping, granularity_table, known_granularities, red
 from .criteria import Layer, large_final, get_criterion
 from .graph import ModelGraph
 
-# %% ../nbs/04_sparsifier.ipynb #abbe0b93
+# %% ../nbs/04_sparsifier.ipynb #6f0f8e9c
 _SAMPLE, _SMALL = 1 << 16, 1 << 14
 
 class _Torch:
@@ -98,7 +98,7 @@ def kth_smallest(scores:list, # flat score tensors
     "The `k`-th smallest value over all `scores`, without concatenating them"
     return _kth(*_backend(scores), k)[0]
 
-# %% ../nbs/04_sparsifier.ipynb #62f65036
+# %% ../nbs/04_sparsifier.ipynb #dd2a3866
 def select_smallest(scores:list, # flat score tensors
                     k:int, # how many to mark
                    )->list: # bool tensors, True = among the k smallest
@@ -120,7 +120,7 @@ def select_smallest(scores:list, # flat score tensors
             else: o[xp.first(eq, r)] = True; r = 0
     return [torch.from_numpy(o) for o in out] if xp is _Numpy else out
 
-# %% ../nbs/04_sparsifier.ipynb #db19d00e
+# %% ../nbs/04_sparsifier.ipynb #35deb149
 scopes = ('local', 'global')
 
 def check_sparsity(v, name:str='sparsity')->float:
@@ -133,7 +133,7 @@ def check_sparsity(v, name:str='sparsity')->float:
         raise ValueError(f"`{name}`={v!r} is outside [0, 1]{hint}: sparsity is the fraction of weights to remove")
     return v
 
-# %% ../nbs/04_sparsifier.ipynb #47e1def3
+# %% ../nbs/04_sparsifier.ipynb #2f34c690
 def _spec_matches(spec, name, m):
     if isinstance(spec, str): return fnmatch.fnmatchcase(name, spec)
     if isinstance(spec, type): return isinstance(m, spec)
@@ -164,7 +164,7 @@ def prunable_layers(model:nn.Module, # the model
             seen.add(id(m.weight)); out.append((n, m))
     return out
 
-# %% ../nbs/04_sparsifier.ipynb #0912dfa4
+# %% ../nbs/04_sparsifier.ipynb #11c30ba0
 class Sparsifier:
     "Compute exact pruning masks for the layers of `model` and apply them"
     def __init__(self,
@@ -178,6 +178,7 @@ class Sparsifier:
                  layer_sparsity:dict=None, # per-layer targets `{name or pattern: sparsity}`
                  reduce:str='mean', # how a group's weight scores combine: 'mean', 'sum', 'l2' or 'max'
                  sample_input=None, # an input batch, used to trace models torch.fx cannot
+                 links=None, # layers pruned as one unit: lists of layer names, or `f(sparsifier)` returning them
                 ):
         self.sparsity = check_sparsity(sparsity)
         self.criterion = get_criterion(criterion)
@@ -203,6 +204,7 @@ class Sparsifier:
         self.layers = [Layer(n, m, gr, i, self.graph) for i, ((n, m), gr) in enumerate(zip(pairs, groupings))]
         self.bns = {l.name: [self.graph.modules[b] for b in self.graph.following_bns(l.name)] if self.graph else []
                     for l in self.layers}
+        self.units = self._units(links)
         self.state = {l.name: s for l in self.layers if (s := self.criterion.init_state(l)) is not None}
         self.masks, self.counts = {}, {}
 
@@ -210,7 +212,7 @@ class Sparsifier:
         return (f"Sparsifier({len(self.layers)} layers, sparsity={self.sparsity}, granularity={self.granularity!r}, "
                 f"criterion={self.criterion!r}, scope={self.scope!r})")
 
-# %% ../nbs/04_sparsifier.ipynb #a6d7b08e
+# %% ../nbs/04_sparsifier.ipynb #9bbcc7ef
 @patch
 def _targets(self:Sparsifier, names, layer_sparsity):
     targets = {n: self.sparsity for n in names}
@@ -225,30 +227,58 @@ def _targets(self:Sparsifier, names, layer_sparsity):
         for n in hits: targets[n] = v; self.local_only.add(n)
     return targets
 
-# %% ../nbs/04_sparsifier.ipynb #78476034
+# %% ../nbs/04_sparsifier.ipynb #93191221
+@patch
+def _units(self:Sparsifier, links):
+    "The units of selection: each linked set, and every other layer alone, in layer order"
+    if callable(links): links = links(self)
+    by_name, owner, sets = {l.name: l for l in self.layers}, {}, []
+    for names in links or []:
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            if n not in by_name: raise ValueError(f"`links`: {n!r} is not a pruned layer; pruned layers: {list(by_name)}")
+            if n in owner: raise ValueError(f"`links`: layer {n!r} is in more than one linked set")
+        ls = [by_name[n] for n in names]
+        if len(ls) < 2: continue
+        if any(l.grouping.nm for l in ls): raise ValueError(f"`links`: N:M blocks cannot be linked ({names})")
+        if len({l.grouping.n_groups for l in ls}) > 1:
+            raise ValueError(f"`links`: linked layers need as many groups as each other; {names} have "
+                             f"{[l.grouping.n_groups for l in ls]} {self.granularity!r} groups")
+        if len({(self.targets[n], n in self.local_only) for n in names}) > 1:
+            raise ValueError(f"`links`: linked layers {names} need one target; `layer_sparsity` gives them different ones")
+        for n in names: owner[n] = len(sets)
+        sets.append(tuple(ls))
+    units, seen = [], set()
+    for l in self.layers:
+        i = owner.get(l.name)
+        if i is None: units.append((l,))
+        elif i not in seen: seen.add(i); units.append(sets[i])
+    return units
+
+# %% ../nbs/04_sparsifier.ipynb #d63f330b
 def _n_prunable(gr, s): return round(s * gr.numel / gr.per_group)
 def _cap(gr): return gr.n_groups if gr.nm else gr.n_groups - 1
 
 @patch
 def _pools(self:Sparsifier):
-    "Local layers by name, and the layers ranked globally under '*'"
-    glob = [l for l in self.layers if self.scope == 'global' and l.name not in self.local_only]
-    return {**{l.name: [l] for l in self.layers if l not in glob}, **({'*': glob} if glob else {})}
+    "Local units by their first layer's name, and the units ranked globally under '*'"
+    glob = [u for u in self.units if self.scope == 'global' and u[0].name not in self.local_only]
+    return {**{u[0].name: [u] for u in self.units if u not in glob}, **({'*': glob} if glob else {})}
 
 @patch
 def group_counts(self:Sparsifier, share:float=1.)->dict:
     "Groups to prune per pool when the target is `share` of each layer's sparsity"
     out = {}
-    for key, ls in self._pools().items():
+    for key, us in self._pools().items():
         if key == '*':
-            want = round(self.sparsity * share * sum(l.grouping.numel / l.grouping.per_group for l in ls))
-            out[key] = min(want, sum(_cap(l.grouping) for l in ls))
+            want = round(self.sparsity * share * sum(u[0].grouping.numel / u[0].grouping.per_group for u in us))
+            out[key] = min(want, sum(_cap(u[0].grouping) for u in us))
         else:
-            gr = ls[0].grouping
+            gr = us[0][0].grouping
             out[key] = min(_n_prunable(gr, self.targets[key] * share), _cap(gr))
     return out
 
-# %% ../nbs/04_sparsifier.ipynb #787a012f
+# %% ../nbs/04_sparsifier.ipynb #752ebb79
 def _protect(gi):
     "`gi` with its last-ranked group (its largest, the last of equals) set to +inf"
     gi = gi.clone()
@@ -274,30 +304,38 @@ def _scores(self:Sparsifier, l):
 
 _LAZY_ABOVE = 1 << 25 # weights in a pool above which scores are recomputed on each pass rather than kept
 
-@patch
-def _group_scores(self:Sparsifier, layers, scope):
-    return self.criterion.normalize([l.grouping.reduce_scores(self._scores(l).float(), self.reduce) for l in layers], scope)
+def _sum_scores(g):
+    "One unit's group scores: its layer's, or the sum over its linked layers"
+    return g[0] if len(g) == 1 else torch.stack([gi.to(g[0].device) for gi in g]).sum(0)
 
 @patch
-def _compute(self:Sparsifier, layers, k, scope):
-    lazy = sum(l.grouping.numel for l in layers) > _LAZY_ABOVE
-    if lazy: g = [LazyScores(lambda l=l: self._group_scores([l], scope)[0], l.grouping.n_groups, l.weight.device) for l in layers]
-    else: g = self._group_scores(layers, scope)
+def _group_scores(self:Sparsifier, units, scope):
+    return self.criterion.normalize([_sum_scores([l.grouping.reduce_scores(self._scores(l).float(), self.reduce) for l in u])
+                                     for u in units], scope)
+
+@patch
+def _compute(self:Sparsifier, units, k, scope):
+    heads = [u[0] for u in units] # a unit's members share its number of groups
+    lazy = sum(l.grouping.numel for u in units for l in u) > _LAZY_ABOVE
+    if lazy: g = [LazyScores(lambda u=u: self._group_scores([u], scope)[0], l.grouping.n_groups, l.weight.device) for u, l in zip(units, heads)]
+    else: g = self._group_scores(units, scope)
     pruned = select_smallest(g, k)
-    if scope == 'global' and any(bool(p.all()) for l, p in zip(layers, pruned) if not l.grouping.nm):
-        pruned = select_smallest(_protect_best(layers, g), k)
-    for l, p in zip(layers, pruned):
-        si = self._scores(l) if l.grouping.nm else None # N:M masks need the weight scores again
-        self.masks[l.name] = l.grouping.make_mask(~p, si).to(l.weight.device)
+    if scope == 'global' and any(bool(p.all()) for l, p in zip(heads, pruned) if not l.grouping.nm):
+        pruned = select_smallest(_protect_best(heads, g), k)
+    for u, p in zip(units, pruned):
+        for l in u:
+            si = self._scores(l) if l.grouping.nm else None # N:M masks need the weight scores again
+            self.masks[l.name] = l.grouping.make_mask(~p, si).to(l.weight.device)
 
-# %% ../nbs/04_sparsifier.ipynb #924dd291
+# %% ../nbs/04_sparsifier.ipynb #e8ac560f
 @patch
 def update(self:Sparsifier, share:float=1., force:bool=False)->bool:
     "Recompute the masks whose group count changed at `share` of the target, then apply them"
     new = self.group_counts(share)
     changed = [key for key, k in new.items() if force or self.counts.get(key) != k]
     pools = self._pools()
-    for key in changed: self._compute(pools[key], new[key], 'global' if key == '*' else 'local')
+    with (self.graph.caching() if self.graph is not None else contextlib.nullcontext()): # neighbours' norms, once per update
+        for key in changed: self._compute(pools[key], new[key], 'global' if key == '*' else 'local')
     self.counts.update(new)
     if changed: self.apply()
     return bool(changed)
@@ -311,7 +349,7 @@ def prune(self:Sparsifier, sparsity:float=None):
     self.update(1., force=True)
     return self
 
-# %% ../nbs/04_sparsifier.ipynb #f3c9e729
+# %% ../nbs/04_sparsifier.ipynb #886b9db2
 @patch
 def _targets_of(self:Sparsifier, l, attr='data'):
     "The tensors a mask of `l` applies to: weight and, for filters, bias and BatchNorm"
@@ -351,7 +389,7 @@ def accumulate(self:Sparsifier):
     for l in self.layers:
         if l.name in self.state: self.criterion.accumulate(l, self.state[l.name])
 
-# %% ../nbs/04_sparsifier.ipynb #356ea283
+# %% ../nbs/04_sparsifier.ipynb #3483a07b
 @patch
 def report(self:Sparsifier)->pd.DataFrame:
     "Per-layer sparsity measured from the weights, with an overall row"
@@ -372,7 +410,7 @@ def sparsity_achieved(self:Sparsifier)->float:
     z = sum(int((l.weight.detach() == 0).sum()) for l in self.layers)
     return z / sum(l.weight.numel() for l in self.layers)
 
-# %% ../nbs/04_sparsifier.ipynb #19ee4511
+# %% ../nbs/04_sparsifier.ipynb #e47b54d1
 @patch
 def state_dict(self:Sparsifier)->dict:
     "Masks, group counts and criterion state, on the CPU"
