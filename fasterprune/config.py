@@ -7,14 +7,14 @@ Docs: https://fasterprune.github.io/fasterprune/config.html.md"""
 # %% auto #0
 __all__ = ['fp_defaults', 'fp_config', 'data_path']
 
-# %% ../nbs/99_config.ipynb #fda685d5
+# %% ../nbs/99_config.ipynb #7bcb6caf
 from pathlib import Path
 from fastcore.xtras import Config, find_file_parents
 
-# %% ../nbs/99_config.ipynb #f6e288cc
+# %% ../nbs/99_config.ipynb #2159cf21
 fp_defaults = dict(data_path='../shared/data', reports_path='benchmarks', bench_threads=2)
 
-# %% ../nbs/99_config.ipynb #dce5c0e9
+# %% ../nbs/99_config.ipynb #a8a719b3
 def fp_config(
     path=None, # Folder to search from, then its parents (default: the current directory)
 ) -> Config:
@@ -26,12 +26,13 @@ def fp_config(
         if k not in cfg: cfg[k] = v
     return cfg
 
-# %% ../nbs/99_config.ipynb #daa6fc72
+# %% ../nbs/99_config.ipynb #00918771
 def data_path(
     fname=None, # File or folder inside `data_path` (default: `data_path` itself)
+    path=None, # Folder to search for settings.ini from (default: the current directory)
 ) -> Path:
     "Resolved `data_path` from `fp_config`, or `fname` inside it; raises `FileNotFoundError` if it does not exist"
-    p = fp_config().data_path
+    p = fp_config(path).data_path
     if fname is not None: p = p/fname
     p = p.resolve()
     if not p.exists(): raise FileNotFoundError(f"No data at {p}: pass `--data` or set `data_path` in settings.ini")
