@@ -7,7 +7,7 @@ Docs: https://fasterprune.github.io/fasterprune/sparsifier.html.md"""
 # %% auto #0
 __all__ = ['scopes', 'LazyScores', 'kth_smallest', 'select_smallest', 'check_sparsity', 'prunable_layers', 'Sparsifier']
 
-# %% ../nbs/04_sparsifier.ipynb #61b3fa91
+# %% ../nbs/04_sparsifier.ipynb #87a64fde
 import math, numbers, fnmatch, contextlib
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from .granularities import Grouping, granularity_table, known_granularities, red
 from .criteria import Layer, large_final, get_criterion
 from .graph import ModelGraph
 
-# %% ../nbs/04_sparsifier.ipynb #6f0f8e9c
+# %% ../nbs/04_sparsifier.ipynb #48ef457d
 _SAMPLE, _SMALL = 1 << 16, 1 << 14
 
 class _Torch:
@@ -31,6 +31,8 @@ class _Torch:
     @staticmethod
     def kths(a, ks): return [a.kthvalue(k).values.item() for k in ks]
     @staticmethod
+    def strided(a, stride): return a[::stride].clone()
+    @staticmethod
     def first(eq, r): return eq.nonzero().squeeze(1)[:r]
 
 class _Numpy:
@@ -41,6 +43,8 @@ class _Numpy:
     def kth(a, k): return np.partition(a, k - 1)[k - 1].item()
     @staticmethod
     def kths(a, ks): p = np.partition(a, [k - 1 for k in ks]); return [p[k - 1].item() for k in ks]
+    @staticmethod
+    def strided(a, stride): return a[::stride].copy()
     @staticmethod
     def first(eq, r): return np.flatnonzero(eq)[:r]
 
@@ -69,7 +73,7 @@ def _kth(xp, gets, sizes, k):
         t = xp.kth(allv, k)
         return t, xp.count(allv == t) == 1
     stride = max(1, n // min(_SAMPLE, max(_SMALL // 4, n // 64)))
-    sample = xp.cat([g()[::stride] for g in gets])
+    sample = xp.cat([xp.strided(g(), stride) for g in gets]) # copies: a view would keep every layer's scores alive
     m, q = len(sample), k / n
     d = 4 * math.sqrt(q * (1 - q) / m) + 2 / m
     lo, hi = xp.kths(sample, [1 + min(m - 1, max(0, int(p * m))) for p in (q - d, q + d)])
@@ -98,7 +102,7 @@ def kth_smallest(scores:list, # flat score tensors
     "The `k`-th smallest value over all `scores`, without concatenating them"
     return _kth(*_backend(scores), k)[0]
 
-# %% ../nbs/04_sparsifier.ipynb #dd2a3866
+# %% ../nbs/04_sparsifier.ipynb #45d39967
 def select_smallest(scores:list, # flat score tensors
                     k:int, # how many to mark
                    )->list: # bool tensors, True = among the k smallest
@@ -120,7 +124,7 @@ def select_smallest(scores:list, # flat score tensors
             else: o[xp.first(eq, r)] = True; r = 0
     return [torch.from_numpy(o) for o in out] if xp is _Numpy else out
 
-# %% ../nbs/04_sparsifier.ipynb #35deb149
+# %% ../nbs/04_sparsifier.ipynb #424e7e54
 scopes = ('local', 'global')
 
 def check_sparsity(v, name:str='sparsity')->float:
@@ -133,7 +137,7 @@ def check_sparsity(v, name:str='sparsity')->float:
         raise ValueError(f"`{name}`={v!r} is outside [0, 1]{hint}: sparsity is the fraction of weights to remove")
     return v
 
-# %% ../nbs/04_sparsifier.ipynb #2f34c690
+# %% ../nbs/04_sparsifier.ipynb #ecc31a9f
 def _spec_matches(spec, name, m):
     if isinstance(spec, str): return fnmatch.fnmatchcase(name, spec)
     if isinstance(spec, type): return isinstance(m, spec)
@@ -164,7 +168,7 @@ def prunable_layers(model:nn.Module, # the model
             seen.add(id(m.weight)); out.append((n, m))
     return out
 
-# %% ../nbs/04_sparsifier.ipynb #11c30ba0
+# %% ../nbs/04_sparsifier.ipynb #65ea8bd3
 class Sparsifier:
     "Compute exact pruning masks for the layers of `model` and apply them"
     def __init__(self,
@@ -212,7 +216,7 @@ class Sparsifier:
         return (f"Sparsifier({len(self.layers)} layers, sparsity={self.sparsity}, granularity={self.granularity!r}, "
                 f"criterion={self.criterion!r}, scope={self.scope!r})")
 
-# %% ../nbs/04_sparsifier.ipynb #9bbcc7ef
+# %% ../nbs/04_sparsifier.ipynb #05a55b6c
 @patch
 def _targets(self:Sparsifier, names, layer_sparsity):
     targets = {n: self.sparsity for n in names}
@@ -227,7 +231,7 @@ def _targets(self:Sparsifier, names, layer_sparsity):
         for n in hits: targets[n] = v; self.local_only.add(n)
     return targets
 
-# %% ../nbs/04_sparsifier.ipynb #93191221
+# %% ../nbs/04_sparsifier.ipynb #157ea2e8
 @patch
 def _units(self:Sparsifier, links):
     "The units of selection: each linked set, and every other layer alone, in layer order"
@@ -255,7 +259,7 @@ def _units(self:Sparsifier, links):
         elif i not in seen: seen.add(i); units.append(sets[i])
     return units
 
-# %% ../nbs/04_sparsifier.ipynb #d63f330b
+# %% ../nbs/04_sparsifier.ipynb #c6034a20
 def _n_prunable(gr, s): return round(s * gr.numel / gr.per_group)
 def _cap(gr): return gr.n_groups if gr.nm else gr.n_groups - 1
 
@@ -278,7 +282,7 @@ def group_counts(self:Sparsifier, share:float=1.)->dict:
             out[key] = min(_n_prunable(gr, self.targets[key] * share), _cap(gr))
     return out
 
-# %% ../nbs/04_sparsifier.ipynb #752ebb79
+# %% ../nbs/04_sparsifier.ipynb #6f69eee4
 def _protect(gi):
     "`gi` with its last-ranked group (its largest, the last of equals) set to +inf"
     gi = gi.clone()
@@ -322,12 +326,13 @@ def _compute(self:Sparsifier, units, k, scope):
     pruned = select_smallest(g, k)
     if scope == 'global' and any(bool(p.all()) for l, p in zip(heads, pruned) if not l.grouping.nm):
         pruned = select_smallest(_protect_best(heads, g), k)
-    for u, p in zip(units, pruned):
-        for l in u:
+    for i, u in enumerate(units):
+        keep, pruned[i] = pruned[i].logical_not_(), None # in place, and let go as we go: memory stays near the masks' size
+        for j, l in enumerate(u):
             si = self._scores(l) if l.grouping.nm else None # N:M masks need the weight scores again
-            self.masks[l.name] = l.grouping.make_mask(~p, si).to(l.weight.device)
+            self.masks[l.name] = l.grouping.make_mask(keep if j == 0 else keep.clone(), si).to(l.weight.device)
 
-# %% ../nbs/04_sparsifier.ipynb #e8ac560f
+# %% ../nbs/04_sparsifier.ipynb #0f30bb02
 @patch
 def update(self:Sparsifier, share:float=1., force:bool=False)->bool:
     "Recompute the masks whose group count changed at `share` of the target, then apply them"
@@ -349,7 +354,7 @@ def prune(self:Sparsifier, sparsity:float=None):
     self.update(1., force=True)
     return self
 
-# %% ../nbs/04_sparsifier.ipynb #886b9db2
+# %% ../nbs/04_sparsifier.ipynb #c63ef532
 @patch
 def _targets_of(self:Sparsifier, l, attr='data'):
     "The tensors a mask of `l` applies to: weight and, for filters, bias and BatchNorm"
@@ -389,7 +394,7 @@ def accumulate(self:Sparsifier):
     for l in self.layers:
         if l.name in self.state: self.criterion.accumulate(l, self.state[l.name])
 
-# %% ../nbs/04_sparsifier.ipynb #3483a07b
+# %% ../nbs/04_sparsifier.ipynb #a43d6897
 @patch
 def report(self:Sparsifier)->pd.DataFrame:
     "Per-layer sparsity measured from the weights, with an overall row"
@@ -410,7 +415,7 @@ def sparsity_achieved(self:Sparsifier)->float:
     z = sum(int((l.weight.detach() == 0).sum()) for l in self.layers)
     return z / sum(l.weight.numel() for l in self.layers)
 
-# %% ../nbs/04_sparsifier.ipynb #e47b54d1
+# %% ../nbs/04_sparsifier.ipynb #5c6001b0
 @patch
 def state_dict(self:Sparsifier)->dict:
     "Masks, group counts and criterion state, on the CPU"
