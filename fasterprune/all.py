@@ -7,9 +7,12 @@ Docs: https://fasterprune.github.io/fasterprune/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/90_all.ipynb #45ff5c48
+# %% ../nbs/90_all.ipynb #0d56e14f
 from .schedules import *
 from .granularities import *
 from .criteria import *
 from .graph import *
 from .sparsifier import *
+from .lookahead import *
+from .callback import *
+from .compact import *
