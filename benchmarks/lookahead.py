@@ -216,7 +216,7 @@ def section_text():
                                                f"lookahead {g[g.method == 'lookahead'].err_pruned.mean():.1f} %"
                                                for it, g in df.groupby('it')) + '.', '',
               f"Run: `{meta['command'].strip()}` ({meta['wall_s'] / 60:.1f} min); raw numbers in "
-              "`benchmarks/lookahead_mnist.csv`, table and plot in the docs notebook `nbs/11_lookahead_repro.ipynb`."]
+              "`benchmarks/lookahead_mnist.csv`, table and plot in the docs notebook `nbs/12_lookahead_repro.ipynb`."]
     cost = OUT / 'lookahead_cost.json'
     if cost.exists():
         c = json.loads(cost.read_text())

@@ -1,9 +1,9 @@
 """Fit-time overhead of `SparsifyCallback` (issue 3), and the memory it holds.
 
 Fit time with `SparsifyCallback(0.9, one_cycle, 'weight', large_final)` divided by the dense fit time, in one process,
-runs alternated (dense, local, global, and fasterai's callback when it is importable, in a rotating order), median of
-`--reps` runs each, on (a) `small_cnn(3, 10, 32)`, a 4-conv CNN, and (b) torchvision's resnet18 (num_classes=10, its
-standard stem), both on 3x32x32 inputs: `fit_one_cycle(2)` over 25 synthetic batches of 64 (one validation batch),
+runs alternated (dense, local, global, local with `update_every=10`, and fasterai's callback when it is importable, in
+a rotating order), median of `--reps` runs each, on (a) `small_cnn(3, 10, 32)`, a 4-conv CNN, and (b) torchvision's
+resnet18 (num_classes=10, its standard stem), both on 3x32x32 inputs: `fit_one_cycle(2)` over 25 synthetic batches of 64 (one validation batch),
 fastai's default Adam, `bench_threads` torch threads (settings.ini, 2). Memory: the bytes the callback holds (masks,
 criterion state, any weight copy) divided by the model's parameter bytes.
 
@@ -52,6 +52,7 @@ def synthetic_dls(n_batches=25, bs=64):
 def make_cbs(kind):
     if kind == 'dense': return []
     if kind in ('local', 'global'): return [SparsifyCallback(0.9, one_cycle, 'weight', large_final, kind)]
+    if kind == 'local_every10': return [SparsifyCallback(0.9, one_cycle, 'weight', large_final, 'local', update_every=10)]
     return [FaSparsify(0.9, 'weight', kind.split('_')[1], fa_large_final, fa_one_cycle)] # fasterai_local, fasterai_global
 
 def held_bytes(cb):
@@ -74,7 +75,7 @@ def fit_once(model_name, kind, dls, epochs=2):
 def first_sparsify(learn): return next((cb for cb in learn.cbs if isinstance(cb, SparsifyCallback)), None)
 
 def bench(reps, models, with_fasterai):
-    kinds = ['dense', 'local', 'global'] + (['fasterai_local', 'fasterai_global'] if with_fasterai else [])
+    kinds = ['dense', 'local', 'global', 'local_every10'] + (['fasterai_local', 'fasterai_global'] if with_fasterai else [])
     dls, rows = synthetic_dls(), []
     for m in models:
         fit_once(m, 'dense', dls) # warm-up, not timed
@@ -191,7 +192,8 @@ def main():
             f"fastai's Adam, {cfg.bench_threads} torch threads, runs alternated in one process, median of {args.reps}. "
             f"small_cnn is `fasterprune.demo.small_cnn(3, 10, 32)` (four 3×3 convs); resnet18 is torchvision's "
             f"(num_classes=10, standard stem). Memory: bytes the callback holds (bool masks; `large_final` keeps no "
-            f"state, no weight copy) ÷ the model's parameter bytes. {fa}\n\n{table(rows)}\n\n"
+            f"state, no weight copy) ÷ the model's parameter bytes. `local_every10` adds `update_every=10` (masks recomputed "
+            f"every 10 optimizer steps and at the last, held in between), for comparison. {fa}\n\n{table(rows)}\n\n"
             f"Where the time goes: milliseconds per optimizer step of the engine calls the callback makes (median over the "
             f"50 steps of the schedule, on a fresh model, same threads). With `'weight'` granularity every step of a smooth "
             f"schedule changes the group counts, so every step pays an `update`; the other two run at every step.\n\n"

@@ -397,7 +397,7 @@ def section_text(df, meta):
                   f"{ds}, {v['epochs']} epochs: " + ', '.join(f"{lr} → {100 * a:.1f} %" for lr, a in v['acc'].items())
                   for ds, v in lc.items()) + "; `python benchmarks/schedules.py lr-check --threads 1 [--datasets D --lrs ...]`). "
               "Raw rows: `benchmarks/schedules.csv`; settings: `benchmarks/schedules.json`; plot `benchmarks/schedules.png`; "
-              "discussion in the docs notebook `nbs/10_schedules_repro.ipynb`."]
+              "discussion in the docs notebook `nbs/11_schedules_repro.ipynb`."]
     return '\n'.join(lines) + '\n'
 
 def report(args):

@@ -7,7 +7,7 @@ Docs: https://fasterprune.github.io/fasterprune/demo.html.md"""
 # %% auto #0
 __all__ = ['digit_items', 'digits_dls', 'small_cnn', 'run_demo', 'main']
 
-# %% ../nbs/80_demo.ipynb #784a906d
+# %% ../nbs/80_demo.ipynb #69ac86ac
 import time
 from collections import OrderedDict
 import torch
@@ -19,7 +19,7 @@ from fastai.callback.progress import no_bar
 from .schedules import builtin_schedules
 from .callback import SparsifyCallback
 
-# %% ../nbs/80_demo.ipynb #98874a1e
+# %% ../nbs/80_demo.ipynb #184f2e00
 def digit_items(seed:int=0, # seed of the order
                )->list:
     "scikit-learn's 1,797 digits as `(image, label)` pairs: 1×8×8 float images in [0, 1], in a shuffled order"
@@ -54,7 +54,7 @@ def small_cnn(c_in:int=1, # input channels
     layers.update(pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(chans[-1], n_out))
     return nn.Sequential(layers)
 
-# %% ../nbs/80_demo.ipynb #7ed86957
+# %% ../nbs/80_demo.ipynb #7ae4612b
 def run_demo(sparsity:float=0.9, # target fraction of weights removed
              schedule='one_cycle', # a schedule function, or the name of a built-in one
              granularity:str='weight', # what is pruned together
@@ -83,7 +83,7 @@ def run_demo(sparsity:float=0.9, # target fraction of weights removed
     res['sparsity'] = float(res['report'].sparsity.iloc[-1])
     return res
 
-# %% ../nbs/80_demo.ipynb #a984502f
+# %% ../nbs/80_demo.ipynb #ee89dd68
 @call_parse
 def main(sparsity:float=0.9, # target fraction of weights removed, in [0, 1]
          schedule:str='one_cycle', # one of one_shot, iterative, agp, one_cycle, lin, cos, dsd

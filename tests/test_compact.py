@@ -1,4 +1,4 @@
-"Compaction, coupled masks, saving/loading, ONNX and the 2:4 report (fasterprune.compact, nbs/07_compact.ipynb)."
+"Compaction, coupled masks, saving/loading, ONNX and the 2:4 report (fasterprune.compact, nbs/10_compact.ipynb)."
 import io, sys, warnings
 
 import pytest

@@ -1,6 +1,6 @@
 """Property tests and external oracles for the pruning engine (issue 2).
 
-Counting rules checked here (see `Sparsifier.group_counts` and nbs/04_sparsifier.ipynb):
+Counting rules checked here (see `Sparsifier.group_counts` and nbs/06_sparsifier.ipynb):
 - local: each layer loses exactly min(round(s·n), n−1) of its n groups;
 - global: the pool loses exactly min(round(s·N), N−L) of its N groups (L layers), and no layer is emptied;
 - N:M (M−N weights pruned per pruned block): a layer (local) or the pool (global) loses exactly
