@@ -7,7 +7,8 @@ Docs: https://fasterprune.github.io/fasterprune/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/90_all.ipynb #0d56e14f
+# %% ../nbs/90_all.ipynb #702a27a7
+import sys
 from .schedules import *
 from .granularities import *
 from .criteria import *
@@ -16,3 +17,8 @@ from .sparsifier import *
 from .lookahead import *
 from .callback import *
 from .compact import *
+
+# %% ../nbs/90_all.ipynb #49045844
+_modules = ['schedules', 'granularities', 'criteria', 'graph', 'sparsifier', 'lookahead', 'callback', 'compact']
+__all__ = [] # filled from each module's `__all__`, in that order
+for _m in _modules: __all__ += sys.modules[f'fasterprune.{_m}'].__all__

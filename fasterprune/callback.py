@@ -7,7 +7,7 @@ Docs: https://fasterprune.github.io/fasterprune/callback.html.md"""
 # %% auto #0
 __all__ = ['optimizer_steps', 'SparsifyCallback', 'step_pos', 'sidecar', 'save_sparsity', 'load_sparsity']
 
-# %% ../nbs/07_callback.ipynb #f94657d2
+# %% ../nbs/07_callback.ipynb #d9d66477
 import warnings
 from pathlib import Path
 import numpy as np
@@ -25,9 +25,9 @@ from fastai.callback.training import GradientAccumulation
 from .schedules import one_cycle, check_schedule
 from .criteria import large_final, get_criterion
 from .granularities import granularity_table, known_granularities, reductions
-from .sparsifier import Sparsifier, check_sparsity, scopes
+from .sparsifier import Sparsifier, check_sparsity, check_links, scopes, unwrap_model
 
-# %% ../nbs/07_callback.ipynb #dc0747e4
+# %% ../nbs/07_callback.ipynb #36cfe279
 def _batch_sizes(dl):
     "Sizes of the batches `dl` yields in one epoch, or None if they cannot be told"
     bs = getattr(dl, 'bs', None) or getattr(dl, 'batch_size', None)
@@ -56,7 +56,7 @@ def optimizer_steps(learn:Learner, # the `Learner` about to fit
         starts.append(steps)
     return starts
 
-# %% ../nbs/07_callback.ipynb #be0e7ae5
+# %% ../nbs/07_callback.ipynb #2927cc8c
 def _check_int(v, name, low):
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
         raise ValueError(f"`{name}` must be an integer >= {low}, got {v!r}")
@@ -69,7 +69,7 @@ def _check_granularity(g):
         raise ValueError(f"`granularity`={g!r} is unknown; use one of {known_granularities()}")
     return g
 
-# %% ../nbs/07_callback.ipynb #0f94a8fa
+# %% ../nbs/07_callback.ipynb #cec61e41
 class SparsifyCallback(Callback):
     "Prune `learn.model` while it trains: `sparsity * schedule(pos)` at every optimizer step"
     order,run_valid = MixedPrecision.order+10,False
@@ -88,6 +88,7 @@ class SparsifyCallback(Callback):
                  lth:bool=False, # lottery ticket: after each mask change, reset surviving weights to their values at `rewind_epoch`
                  rewind_epoch:int=0, # the epoch whose starting weights `lth` rewinds to
                  sample_input=None, # an input batch, for models torch.fx cannot trace ('filter' granularity)
+                 links=None, # layers pruned as one unit: lists of layer names, or `f(sparsifier)` returning them, such as `fasterprune.compact.coupled`
                 ):
         self.sparsity, self.schedule = check_sparsity(sparsity), check_schedule(schedule)
         self.criterion = get_criterion(criterion)
@@ -101,7 +102,8 @@ class SparsifyCallback(Callback):
         if update_every is not None: _check_int(update_every, 'update_every', 1)
         if not isinstance(lth, bool): raise TypeError(f"`lth` must be True or False, got {lth!r}")
         _check_int(rewind_epoch, 'rewind_epoch', 0)
-        store_attr('granularity,scope,include,exclude,layer_sparsity,reduce,update_every,lth,rewind_epoch,sample_input')
+        links = check_links(links) # its form now; the layer names in `before_fit`, once the model is known
+        store_attr('granularity,scope,include,exclude,layer_sparsity,reduce,update_every,lth,rewind_epoch,sample_input,links')
         self.step, self.starts, self._share, self._achieved = 0, [0], 0., 0.
         self._name = self._pending = self._saved_step = self._last_update = None
         self._clean_all = True
@@ -110,7 +112,7 @@ class SparsifyCallback(Callback):
         return (f"SparsifyCallback({self.sparsity}, {getattr(self.schedule, '__name__', self.schedule)}, {self.granularity!r}, "
                 f"{self.criterion!r}, {self.scope!r})")
 
-# %% ../nbs/07_callback.ipynb #cf28fdd0
+# %% ../nbs/07_callback.ipynb #83f678ec
 @patch(as_prop=True)
 def name(self:SparsifyCallback):
     "`sparsify`, or `sparsify_1`, `sparsify_2`... for further `SparsifyCallback`s on the same `Learner`"
@@ -131,11 +133,7 @@ def pos(self:SparsifyCallback)->float:
     "Training progress at the current optimizer step"
     return step_pos(self.step, self.starts[-1])
 
-# %% ../nbs/07_callback.ipynb #7799ef35
-def _unwrap(model):
-    "The module inside a `DistributedDataParallel` or `DataParallel` wrapper (the engine prunes that one)"
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-
+# %% ../nbs/07_callback.ipynb #5675e071
 def _in_fit(learn):
     "Whether `before_fit` starts a real fit: not `validate`, `get_preds`, `predict` or `lr_find`"
     lock = getattr(learn, 'lock', None)
@@ -160,9 +158,9 @@ def before_fit(self:SparsifyCallback):
 def build(self:SparsifyCallback)->Sparsifier:
     "The engine's `Sparsifier` on `learn.model` (built once per model), with any state `learn.load` read"
     if self.learn is None: raise ValueError("this SparsifyCallback is not attached to a Learner")
-    if self.sparsifier is None or self.sparsifier.model is not _unwrap(self.learn.model):
+    if self.sparsifier is None or self.sparsifier.model is not unwrap_model(self.learn.model):
         self.sparsifier = Sparsifier(self.learn.model, self.sparsity, self.granularity, self.criterion, self.scope,
-                                     self.include, self.exclude, self.layer_sparsity, self.reduce, self.sample_input)
+                                     self.include, self.exclude, self.layer_sparsity, self.reduce, self.sample_input, self.links)
     if self._pending is not None: self._restore(self._pending)
     return self.sparsifier
 
@@ -187,7 +185,7 @@ def _drop_metric(self:SparsifyCallback):
     if any(getattr(m, 'func', None) == self._measure for m in mets):
         self.learn.metrics = [m for m in mets if getattr(m, 'func', None) != self._measure]
 
-# %% ../nbs/07_callback.ipynb #33de2af5
+# %% ../nbs/07_callback.ipynb #6c5fcc46
 @patch
 def _check_shares(self:SparsifyCallback):
     "Every optimizer step's share of the target is in [0, 1]"
@@ -200,7 +198,7 @@ def _check_shares(self:SparsifyCallback):
             raise ValueError(f"`schedule`={self.schedule!r} returned {v} at pos={pos:.6g} (optimizer step {step} of {total}); "
                              "a schedule returns the share of the target sparsity, in [0, 1]")
 
-# %% ../nbs/07_callback.ipynb #e8d4fcf1
+# %% ../nbs/07_callback.ipynb #fc5ab01e
 @patch
 def _check_resume(self:SparsifyCallback, start_epoch):
     "Warn when a loaded state was saved at another step than the one this fit resumes at; prepare `lth`"
@@ -216,14 +214,17 @@ def _check_resume(self:SparsifyCallback, start_epoch):
         raise ValueError(f"`lth`: resuming at epoch {start_epoch}, after `rewind_epoch`={self.rewind_epoch}, needs the "
                          "weights of the rewind epoch: load a checkpoint saved with this callback attached")
 
-# %% ../nbs/07_callback.ipynb #59aeed4c
+# %% ../nbs/07_callback.ipynb #ad82a83c
 @patch
 def before_batch(self:SparsifyCallback):
     "Update the masks at `schedule(pos)`; when one changes, clean the optimizer state (and rewind, with `lth`)"
     sp, old = self.sparsifier, ({} if self._clean_all else dict(self.sparsifier.masks))
-    if self.update_every is None: self._share = float(self.schedule(self.pos)); changed = sp.update(self._share)
-    elif self._due(): self._share = float(self.schedule(self.pos)); changed = sp.update(self._share, force=True)
-    else: changed = False
+    try:
+        if self.update_every is None: self._share = float(self.schedule(self.pos)); changed = sp.update(self._share)
+        elif self._due(): self._share = float(self.schedule(self.pos)); changed = sp.update(self._share, force=True)
+        else: changed = False
+    except FloatingPointError as e: # the engine names the layer; say when, too
+        raise FloatingPointError(f"{e} (at optimizer step {self.step}, epoch {self.epoch}, batch {self.iter})") from e
     if changed: self._after_change(old); self._clean_all = False
 
 @patch
@@ -253,7 +254,7 @@ def after_batch(self:SparsifyCallback):
     self._hist['target'].append(self.sparsity * self._share)
     self._hist['achieved'].append(self._achieved)
 
-# %% ../nbs/07_callback.ipynb #47860f0f
+# %% ../nbs/07_callback.ipynb #57dd810c
 def _opt_states(opt):
     "The per-parameter state dicts of a fastai `Optimizer`, or of the PyTorch optimizer an `OptimWrapper` wraps"
     if opt is None: return []
@@ -267,9 +268,8 @@ def _state_tensors(states, p):
     return [v for st in states if (s := st.get(p)) for v in s.values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
 
 def _filter_params(sp, l):
-    "Bias and following BatchNorm parameters of layer `l`, pruned with its filters"
-    ps = [getattr(l.module, 'bias', None)] + [p for bn in sp.bns[l.name] for p in (bn.weight, bn.bias)]
-    return [p for p in ps if p is not None]
+    "Bias and following BatchNorm parameters of layer `l` (and of the other users of a tied weight), pruned with its filters"
+    return sp._out_params(l)
 
 @torch.no_grad()
 def _mask_frozen_filter_grads(sp):
@@ -330,7 +330,7 @@ def _after_change(self:SparsifyCallback, old:dict):
     self._clean_opt_state(old)
     self._achieved = _masked_fraction(self.sparsifier)
 
-# %% ../nbs/07_callback.ipynb #9daabcf9
+# %% ../nbs/07_callback.ipynb #9e5737e5
 @patch
 def before_train(self:SparsifyCallback):
     self.step = self.starts[self.epoch]
@@ -352,7 +352,24 @@ def after_fit(self:SparsifyCallback):
     self._drop_metric()
     self.snapshot = None
 
-# %% ../nbs/07_callback.ipynb #41b3114c
+# %% ../nbs/07_callback.ipynb #9a83c56d
+_fastai_fit = getattr(Learner.fit, '_fastai', Learner.fit)
+
+def _is_sparsity_metric(m):
+    "Whether metric `m` is the column of a `SparsifyCallback`"
+    return isinstance(getattr(getattr(m, 'func', None), '__self__', None), SparsifyCallback)
+
+@patch
+def fit(self:Learner, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0):
+    "Fit `self.model` for `n_epoch` using `cbs`; when the fit raises, no `SparsifyCallback` column stays in `self.metrics`"
+    try: return _fastai_fit(self, n_epoch, lr=lr, wd=wd, cbs=cbs, reset_opt=reset_opt, start_epoch=start_epoch)
+    except BaseException:
+        if any(_is_sparsity_metric(m) for m in self.metrics): self.metrics = [m for m in self.metrics if not _is_sparsity_metric(m)]
+        raise
+
+Learner.fit._fastai = _fastai_fit
+
+# %% ../nbs/07_callback.ipynb #875a48db
 @patch
 def report(self:SparsifyCallback)->pd.DataFrame:
     "Per-layer sparsity measured from the weights, with an overall row"
@@ -365,7 +382,7 @@ def _sparsify_cbs(learn):
     cbs = learn._grab_cbs(SparsifyCallback)
     if cbs: return cbs
     last = getattr(getattr(learn, 'recorder', None), 'sparsify_cbs', [])
-    return [cb for cb in last if cb.sparsifier is not None and cb.sparsifier.model is _unwrap(learn.model)]
+    return [cb for cb in last if cb.sparsifier is not None and cb.sparsifier.model is unwrap_model(learn.model)]
 
 @patch
 def sparsity_report(self:Learner)->pd.DataFrame:
@@ -384,7 +401,11 @@ def plot_sparsity(self:Recorder, ax=None, figsize=(6, 4)):
     ax.set_xlabel('training batch'); ax.set_ylabel('sparsity'); ax.legend(); ax.grid(alpha=0.3)
     return ax
 
-# %% ../nbs/07_callback.ipynb #53174774
+# the history and the callbacks of the last fit are not pickled with the Learner (`learn.export`), like the recorder's losses:
+# an exported Learner must load where fasterprune is not installed once its `SparsifyCallback` is removed
+Recorder._stateattrs = tuple(dict.fromkeys(Recorder._stateattrs + ('sparsity', 'sparsify_cbs')))
+
+# %% ../nbs/07_callback.ipynb #8950d25b
 @patch
 def state_dict(self:SparsifyCallback)->dict:
     "What `learn.save` writes beside the model: the sparsifier's state, the schedule position, any lottery-ticket snapshot"
@@ -396,7 +417,7 @@ def state_dict(self:SparsifyCallback)->dict:
 @patch
 def load_state_dict(self:SparsifyCallback, sd:dict):
     "Restore what `state_dict` returned: now if the sparsifier is built on this model, else at the next fit"
-    if self.sparsifier is not None and self.learn is not None and self.sparsifier.model is _unwrap(self.learn.model): self._restore(sd)
+    if self.sparsifier is not None and self.learn is not None and self.sparsifier.model is unwrap_model(self.learn.model): self._restore(sd)
     else: self._pending = sd
     return self
 
@@ -409,8 +430,9 @@ def _restore(self:SparsifyCallback, sd):
         dev = {l.name: l.weight.device for l in self.sparsifier.layers}
         self.snapshot = {k: v.to(dev[k]) for k, v in sd['snapshot'].items()}
     self._pending = None
+    self._achieved = _masked_fraction(self.sparsifier) # what the Recorder logs until the masks next change
 
-# %% ../nbs/07_callback.ipynb #cc43a095
+# %% ../nbs/07_callback.ipynb #1bb7d576
 def sidecar(file)->Path:
     "Where `learn.save` keeps the `SparsifyCallback` state of the model saved in `file`"
     return Path(file).with_suffix('.sparsity.pth')
@@ -432,7 +454,7 @@ def load_sparsity(learn:Learner, file):
     for cb in cbs:
         if cb.name in states: cb.load_state_dict(states[cb.name])
 
-# %% ../nbs/07_callback.ipynb #1e23ad78
+# %% ../nbs/07_callback.ipynb #26384d0e
 _fastai_save = getattr(Learner.save, '_fastai', Learner.save)
 _fastai_load = getattr(Learner.load, '_fastai', Learner.load)
 
@@ -454,14 +476,14 @@ def load(self:Learner, file, device=None, **kwargs):
 
 Learner.save._fastai, Learner.load._fastai = _fastai_save, _fastai_load
 
-# %% ../nbs/07_callback.ipynb #2a157c22
+# %% ../nbs/07_callback.ipynb #41fc0d8c
 @patch
 def __getstate__(self:SparsifyCallback):
     d = {k: v for k, v in self.__dict__.items() if k not in ('sparsifier', 'snapshot', '_hist', '_state')}
     if self.sparsifier is not None: d['_pending'] = self.state_dict()
     return d
 
-# %% ../nbs/07_callback.ipynb #5f6936c9
+# %% ../nbs/07_callback.ipynb #8b264cd4
 @patch
 def _take_snapshot(self:SparsifyCallback):
     self.snapshot = {l.name: l.weight.detach().clone() for l in self.sparsifier.layers}

@@ -8,7 +8,7 @@ Docs: https://fasterprune.github.io/fasterprune/compact.html.md"""
 __all__ = ['ChannelFlow', 'coupled', 'compact', 'load_compact', 'weight_pattern', 'semi_structured_support',
            'semi_structured_report', 'to_semi_structured', 'count_macs', 'compact_report']
 
-# %% ../nbs/10_compact.ipynb #e4d38e87
+# %% ../nbs/10_compact.ipynb #3cf52952
 import copy, math, operator, re, warnings
 import torch
 import pandas as pd
@@ -17,9 +17,9 @@ from torch import nn, fx
 from fastcore.basics import patch
 from fastai.learner import Learner
 from .graph import passthrough_modules, passthrough_functions, passthrough_methods, bn_types
-from .sparsifier import Sparsifier
+from .sparsifier import Sparsifier, unwrap_model
 
-# %% ../nbs/10_compact.ipynb #798fac23
+# %% ../nbs/10_compact.ipynb #11b8933a
 class _Atoms:
     "Union-find over channels"
     def __init__(self): self.parent = []
@@ -47,10 +47,12 @@ _pool_functions = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_
 def _is_one(size): return size == 1 or (isinstance(size, (tuple, list)) and all(s == 1 for s in size))
 def _arg(node, i, key, default=None): return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
 
-# %% ../nbs/10_compact.ipynb #3d5a7987
+# %% ../nbs/10_compact.ipynb #3a256f19
 class ChannelFlow:
     "Which channels of a model's layers are the same channels, traced with torch.fx"
-    def __init__(self, model:nn.Module):
+    def __init__(self,
+                 model:nn.Module, # a model torch.fx can trace
+                ):
         self.gm = fx.symbolic_trace(model)
         self.modules = dict(model.named_modules())
         self.atoms, self.out, self.inp = _Atoms(), {}, {} # layer name -> channel ids of its output, of its input
@@ -101,9 +103,11 @@ class ChannelFlow:
 
     def __repr__(self): return f"ChannelFlow({len(self.out)} layers)"
 
-# %% ../nbs/10_compact.ipynb #0f1d75c8
+# %% ../nbs/10_compact.ipynb #4d1a5c15
 @patch
-def sets(self:ChannelFlow, side:str='out'):
+def sets(self:ChannelFlow,
+         side:str='out', # 'out': layers writing the same channels; 'in': layers reading them
+        )->tuple: # (lists of layer names, sorted names of the tangled layers)
     "Lists of layers whose output (`side='out'`) or input (`'in'`) channels are the same, and the tangled layers"
     d = self.out if side == 'out' else self.inp
     keys = {n: tuple(self.atoms.find(a) for a in v) for n, v in d.items() if v is not None}
@@ -116,8 +120,9 @@ def sets(self:ChannelFlow, side:str='out'):
         if len({keys[n] for n in ns}) > 1: tangled |= ns
     return [v for v in by_key.values() if len(v) > 1 and not tangled & set(v)], sorted(tangled)
 
-# %% ../nbs/10_compact.ipynb #1fa5aa67
-def coupled(sp:Sparsifier)->list:
+# %% ../nbs/10_compact.ipynb #d43a1108
+def coupled(sp:Sparsifier, # a sparsifier with 'filter' or 'channel' granularity
+           )->list: # lists of names of the pruned layers whose masks must be the same
     "Linked layer sets for `Sparsifier(..., links=coupled)`: the layers whose pruned groups are the same channels"
     if sp.granularity not in ('filter', 'channel'):
         raise ValueError(f"`coupled` links 'filter' or 'channel' masks, not {sp.granularity!r} ones")
@@ -137,7 +142,7 @@ def coupled(sp:Sparsifier)->list:
         if len(inside) > 1: out.append(inside)
     return out
 
-# %% ../nbs/10_compact.ipynb #49b42e66
+# %% ../nbs/10_compact.ipynb #ef713552
 def _require_tp():
     try: import torch_pruning as tp
     except ImportError as e:
@@ -176,7 +181,7 @@ def _bn_zero(bn):
     if bn.running_mean is None: return (b == 0).cpu()
     return (b - w * bn.running_mean / (bn.running_var + bn.eps).sqrt() == 0).cpu()
 
-# %% ../nbs/10_compact.ipynb #435ce2d3
+# %% ../nbs/10_compact.ipynb #af8663bc
 def _output_nodes(DG):
     "Graph nodes whose channels reach the model's outputs without going through a Conv or Linear"
     todo, seen = [n for n in DG.module2node.values() if not n.outputs], set()
@@ -208,7 +213,7 @@ def _dead_channels(DG, tp, group, reach_out):
     dead = unread if n_readers else torch.zeros(C, dtype=torch.bool)
     return dead | writes_zero if zero_kept else dead
 
-# %% ../nbs/10_compact.ipynb #dd030d91
+# %% ../nbs/10_compact.ipynb #d1c40c6c
 def _as_tuple(x): return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 def _tensors(o):
@@ -223,9 +228,6 @@ def _outputs(model, xs):
     try: return _tensors(model.eval()(*xs))
     finally: model.train(was)
 
-def _unwrap(model):
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-
 def compact(model:nn.Module, # a model whose pruned weights are zero (a `Sparsifier` applied)
             example_inputs, # a batch (a tensor, or a tuple of the model's inputs) to trace and to check with
             keep:list=None, # layers (names or modules) whose output channels must all stay
@@ -234,7 +236,7 @@ def compact(model:nn.Module, # a model whose pruned weights are zero (a `Sparsif
            )->nn.Module:
     "A physically smaller copy of `model` with its unused and zero channels removed"
     tp = _require_tp()
-    model, xs = _unwrap(model), _as_tuple(example_inputs)
+    model, xs = unwrap_model(model), _as_tuple(example_inputs)
     new, was = copy.deepcopy(model), model.training
     by_name, twin = dict(new.named_modules()), dict(zip(model.modules(), new.modules()))
     keep = [by_name[k] if isinstance(k, str) else twin[k] for k in (keep or [])]
@@ -255,7 +257,7 @@ def compact(model:nn.Module, # a model whose pruned weights are zero (a `Sparsif
                                f"(> atol={atol}); please report the model")
     return new
 
-# %% ../nbs/10_compact.ipynb #8c990d97
+# %% ../nbs/10_compact.ipynb #a9b5d68b
 def _sparsifiers(learn):
     return [v for cb in learn.cbs for v in vars(cb).values() if isinstance(v, Sparsifier)]
 
@@ -271,7 +273,7 @@ def compact(self:Learner,
         example_inputs = tuple(t[:2] for t in b[:self.dls.n_inp])
     return compact(self.model, example_inputs, **kwargs)
 
-# %% ../nbs/10_compact.ipynb #3ce52251
+# %% ../nbs/10_compact.ipynb #2d0d36d9
 def _resize_param(m, key, shape):
     "Replace parameter or buffer `key` of `m` by an uninitialised one of `shape` (same dtype, device and grad flag)"
     t = getattr(m, key)
@@ -309,13 +311,14 @@ def load_compact(model:nn.Module, # a freshly built model of the architecture th
     model.load_state_dict(state_dict)
     return model
 
-# %% ../nbs/10_compact.ipynb #f0a18210
-def _nm_ok(w, in_dim, n=2, m=4):
-    "Whether at most `n` of every `m` consecutive weights along input dim `in_dim` are non-zero"
-    if w.shape[in_dim] % m: return False
+# %% ../nbs/10_compact.ipynb #67c1a845
+def _nm_ok(w, in_dim, n=2, m=4, groups=1):
+    "Whether at most `n` of every `m` consecutive weights along input dim `in_dim` are non-zero, each block inside one of `groups` groups"
+    if (w.shape[in_dim] // groups) % m: return False
     return bool(((w.movedim(in_dim, -1).reshape(-1, m) != 0).sum(1) <= n).all())
 
-def weight_pattern(m:nn.Module)->str:
+def weight_pattern(m:nn.Module, # a Linear, Conv or ConvTranspose layer
+                  )->str:
     "What the zeros of `m.weight` look like: 'dense', 'filter', 'channel', 'filter+channel', '2:4', 'unstructured' or 'empty'"
     w = m.weight.detach()
     nz = w != 0
@@ -327,15 +330,16 @@ def weight_pattern(m:nn.Module)->str:
     cols = nz.transpose(0, i).flatten(1).any(1) # inputs with a non-zero weight
     if not (~nz & rows.view(shape(o)) & cols.view(shape(i))).any(): # every zero is in a zero row or a zero column
         return 'channel' if rows.all() else 'filter' if cols.all() else 'filter+channel'
-    return '2:4' if _nm_ok(w, i) else 'unstructured'
+    return '2:4' if _nm_ok(w, i, groups=m.groups if isinstance(m, _convTs) else 1) else 'unstructured' # a ConvTranspose's dim 0 holds every group's inputs
 
-# %% ../nbs/10_compact.ipynb #ce2f9d02
+# %% ../nbs/10_compact.ipynb #b69b708f
 def _semi_backend():
     from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUTLASS, SparseSemiStructuredTensorCUSPARSELT
     cutlass = SparseSemiStructuredTensor._FORCE_CUTLASS or not torch.backends.cusparselt.is_available()
     return SparseSemiStructuredTensorCUTLASS if cutlass else SparseSemiStructuredTensorCUSPARSELT
 
-def semi_structured_support(device=None)->tuple:
+def semi_structured_support(device=None, # a device (default: the current CUDA device)
+                           )->tuple: # (can run, reason when not)
     "Whether `device` (default: the current CUDA device) can run 2:4 kernels, and why not"
     if not torch.cuda.is_available():
         return False, "no CUDA device: PyTorch's 2:4 kernels need an NVIDIA GPU of compute capability 8.0 or newer"
@@ -345,6 +349,7 @@ def semi_structured_support(device=None)->tuple:
     if major < 8: return False, f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; 2:4 kernels need 8.0 or newer"
     return True, ''
 
+# %% ../nbs/10_compact.ipynb #b77a0fdf
 def _semi_reason(m, dtype):
     "Why layer `m` cannot use the 2:4 kernels in `dtype`, or '' when it can"
     if not isinstance(m, nn.Linear): return f"{type(m).__name__}: PyTorch has 2:4 kernels for Linear layers only"
@@ -372,7 +377,7 @@ def semi_structured_report(model:nn.Module, # the model, with its 2:4 weights ze
                          eligible=not why, here=not why and ok, why_not=why or why_here))
     return pd.DataFrame(rows)
 
-# %% ../nbs/10_compact.ipynb #c30dd4c7
+# %% ../nbs/10_compact.ipynb #ad57cc30
 def to_semi_structured(model:nn.Module, # a model on a CUDA device, in `dtype`
                        dtype=None, # float16 or bfloat16 (default: the model's dtype)
                       )->pd.DataFrame:
@@ -388,8 +393,10 @@ def to_semi_structured(model:nn.Module, # a model on a CUDA device, in `dtype`
         m.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(m.weight.detach().to(dtype)), requires_grad=False)
     return rep.assign(converted=rep.eligible)
 
-# %% ../nbs/10_compact.ipynb #c24dd054
-def count_macs(model:nn.Module, example_inputs)->dict:
+# %% ../nbs/10_compact.ipynb #8af0e362
+def count_macs(model:nn.Module, # the model
+               example_inputs, # a batch (a tensor, or a tuple of the model's inputs); counts are per sample
+              )->dict: # layer name -> multiply-accumulates per sample
     "Multiply-accumulates per sample of each Conv, Linear and BatchNorm layer, from one forward pass"
     xs = _as_tuple(example_inputs)
     n, out, hooks = xs[0].shape[0], {}, []
@@ -406,6 +413,7 @@ def count_macs(model:nn.Module, example_inputs)->dict:
         for h in hooks: h.remove()
     return out
 
+# %% ../nbs/10_compact.ipynb #9d565a6e
 def _how(m, pattern, before, after, dtype):
     if after < before: return True, 'smaller dense layer'
     if pattern in ('filter', 'channel', 'filter+channel'): return False, 'channels tied to a dense layer or the outputs: kept'

@@ -7,14 +7,14 @@ Docs: https://fasterprune.github.io/fasterprune/config.html.md"""
 # %% auto #0
 __all__ = ['fp_defaults', 'fp_config', 'data_path']
 
-# %% ../nbs/99_config.ipynb #7bcb6caf
+# %% ../nbs/99_config.ipynb #8393bbeb
 from pathlib import Path
 from fastcore.xtras import Config, find_file_parents
 
-# %% ../nbs/99_config.ipynb #2159cf21
+# %% ../nbs/99_config.ipynb #f612b937
 fp_defaults = dict(data_path='../shared/data', reports_path='benchmarks', bench_threads=2)
 
-# %% ../nbs/99_config.ipynb #a8a719b3
+# %% ../nbs/99_config.ipynb #ac35f59b
 def fp_config(
     path=None, # Folder to search from, then its parents (default: the current directory)
 ) -> Config:
@@ -26,7 +26,7 @@ def fp_config(
         if k not in cfg: cfg[k] = v
     return cfg
 
-# %% ../nbs/99_config.ipynb #00918771
+# %% ../nbs/99_config.ipynb #d4e83c5c
 def data_path(
     fname=None, # File or folder inside `data_path` (default: `data_path` itself)
     path=None, # Folder to search for settings.ini from (default: the current directory)

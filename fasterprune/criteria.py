@@ -8,13 +8,13 @@ Docs: https://fasterprune.github.io/fasterprune/criteria.html.md"""
 __all__ = ['large_final', 'movement', 'taylor', 'lamp', 'criteria', 'Layer', 'Criterion', 'LargeFinal', 'RandomCriterion',
            'Movement', 'Taylor', 'lamp_scores', 'LAMP', 'get_criterion']
 
-# %% ../nbs/03_criteria.ipynb #ff81c035
+# %% ../nbs/03_criteria.ipynb #109108f7
 import zlib
 import torch
 from torch import nn
 from fastcore.basics import store_attr
 
-# %% ../nbs/03_criteria.ipynb #a1644324
+# %% ../nbs/03_criteria.ipynb #33b85d93
 class Layer:
     "A layer being pruned, as criteria see it"
     def __init__(self,
@@ -28,17 +28,41 @@ class Layer:
     def weight(self): return self.module.weight
     def __repr__(self): return f"Layer({self.name!r}, {type(self.module).__name__})"
 
-# %% ../nbs/03_criteria.ipynb #1ee035e6
+# %% ../nbs/03_criteria.ipynb #e54adba3
 class Criterion:
     "Base class: scores weights, larger = keep"
-    needs_grad = False
-    def score(self, layer:Layer, state:dict|None)->torch.Tensor: raise NotImplementedError
-    def init_state(self, layer:Layer)->dict|None: return None
-    def accumulate(self, layer:Layer, state:dict): pass
-    def normalize(self, scores:list, scope:str)->list: return scores
+    needs_grad = False # whether the sparsifier must call `accumulate` after each backward pass
+
+    def score(self,
+              layer:Layer, # the layer to score
+              state:dict|None, # what `init_state` returned for `layer`, kept up to date by the sparsifier
+             )->torch.Tensor: # one score per weight, in the weight's shape; larger = keep
+        "Per-weight scores of `layer`"
+        raise NotImplementedError
+
+    def init_state(self,
+                   layer:Layer, # a layer about to be pruned
+                  )->dict|None: # tensors to keep for `layer`, or None
+        "The state this criterion keeps for `layer` (None: it keeps nothing)"
+        return None
+
+    def accumulate(self,
+                   layer:Layer, # the layer, its gradient in `layer.weight.grad`
+                   state:dict, # its state, updated in place
+                  ):
+        "Update `state` after a backward pass (only called when `needs_grad`)"
+        pass
+
+    def normalize(self,
+                  scores:list, # one tensor of group scores per layer
+                  scope:str, # 'local' (ranked per layer) or 'global' (one ranking across layers)
+                 )->list: # the scores to rank, in the same order
+        "A last look at every layer's group scores together, before ranking"
+        return scores
+
     def __repr__(self): return self.__class__.__name__.lower()
 
-# %% ../nbs/03_criteria.ipynb #09f24905
+# %% ../nbs/03_criteria.ipynb #44fef3e5
 class LargeFinal(Criterion):
     "Magnitude: |W|"
     def score(self, layer, state=None): return layer.weight.detach().abs()
@@ -46,20 +70,22 @@ class LargeFinal(Criterion):
 
 large_final = LargeFinal()
 
-# %% ../nbs/03_criteria.ipynb #d285d2e2
+# %% ../nbs/03_criteria.ipynb #df264750
 class RandomCriterion(Criterion):
     "Uniform random scores, reproducible from `seed` and the layer's name"
-    def __init__(self, seed:int=0): self.seed = seed
+    def __init__(self,
+                 seed:int=0, # seed of the draw; the same seed gives the same scores for the same layer name
+                ): self.seed = seed
     def score(self, layer, state=None):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(layer.name.encode()))
         w = layer.weight
         return torch.rand(w.shape, generator=g).to(w.device)
     def __repr__(self): return f'random(seed={self.seed})'
 
-# %% ../nbs/03_criteria.ipynb #5e313fe6
+# %% ../nbs/03_criteria.ipynb #5b598d94
 random = RandomCriterion(0)
 
-# %% ../nbs/03_criteria.ipynb #689fa171
+# %% ../nbs/03_criteria.ipynb #8bdb3b2e
 class Movement(Criterion):
     "Movement pruning (Sanh et al. 2020): scores accumulate -grad*W after every backward pass"
     needs_grad = True
@@ -72,7 +98,7 @@ class Movement(Criterion):
 
 movement = Movement()
 
-# %% ../nbs/03_criteria.ipynb #3c06d1cf
+# %% ../nbs/03_criteria.ipynb #89359275
 class Taylor(Criterion):
     "First-order Taylor importance, accumulated: sum over steps of |W*grad|"
     needs_grad = True
@@ -85,8 +111,9 @@ class Taylor(Criterion):
 
 taylor = Taylor()
 
-# %% ../nbs/03_criteria.ipynb #581b112d
-def lamp_scores(s:torch.Tensor)->torch.Tensor:
+# %% ../nbs/03_criteria.ipynb #021d99db
+def lamp_scores(s:torch.Tensor, # one layer's flat (group) scores
+               )->torch.Tensor: # the LAMP scores, in the same order; the largest is 1
     "LAMP transform of one layer's flat scores"
     sq = s.double().square()
     order = sq.argsort(stable=True)
@@ -96,6 +123,7 @@ def lamp_scores(s:torch.Tensor)->torch.Tensor:
     out[order] = torch.where(suffix > 0, sorted_sq / suffix, torch.zeros_like(suffix))
     return out.to(s.dtype)
 
+# %% ../nbs/03_criteria.ipynb #e785ec77
 class LAMP(LargeFinal):
     "LAMP (Lee et al. 2021): magnitudes normalised so they compare across layers"
     def normalize(self, scores, scope): return [lamp_scores(s) for s in scores]
@@ -103,10 +131,12 @@ class LAMP(LargeFinal):
 
 lamp = LAMP()
 
-# %% ../nbs/03_criteria.ipynb #389e33c2
+# %% ../nbs/03_criteria.ipynb #12e76342
 criteria = dict(large_final=large_final, random=random, movement=movement, taylor=taylor, lamp=lamp)
 
-def get_criterion(criterion, name:str='criterion')->Criterion:
+def get_criterion(criterion, # a `Criterion`, or the name of a built-in one
+                  name:str='criterion', # the argument's name, for the error message
+                 )->Criterion:
     "`criterion` itself if it is a `Criterion`, else the built-in of that name"
     if isinstance(criterion, Criterion): return criterion
     if criterion in ('lookahead', 'lookahead_bn'): # defined in `fasterprune.lookahead`, which builds on this module

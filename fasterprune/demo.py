@@ -7,7 +7,7 @@ Docs: https://fasterprune.github.io/fasterprune/demo.html.md"""
 # %% auto #0
 __all__ = ['digit_items', 'digits_dls', 'small_cnn', 'run_demo', 'main']
 
-# %% ../nbs/80_demo.ipynb #69ac86ac
+# %% ../nbs/80_demo.ipynb #13327737
 import time
 from collections import OrderedDict
 import torch
@@ -19,7 +19,7 @@ from fastai.callback.progress import no_bar
 from .schedules import builtin_schedules
 from .callback import SparsifyCallback
 
-# %% ../nbs/80_demo.ipynb #184f2e00
+# %% ../nbs/80_demo.ipynb #c791cb13
 def digit_items(seed:int=0, # seed of the order
                )->list:
     "scikit-learn's 1,797 digits as `(image, label)` pairs: 1×8×8 float images in [0, 1], in a shuffled order"
@@ -29,6 +29,7 @@ def digit_items(seed:int=0, # seed of the order
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     return list(zip(x[idx], y[idx]))
 
+# %% ../nbs/80_demo.ipynb #6a105250
 def digits_dls(bs:int=64, # batch size (validation: twice that)
                valid_pct:float=0.2, # share of the images held out for validation
                seed:int=0, # seed of the split
@@ -40,6 +41,7 @@ def digits_dls(bs:int=64, # batch size (validation: twice that)
     dsets = Datasets(items, [[ItemGetter(0)], [ItemGetter(1)]], splits=[range(n_valid, len(items)), range(n_valid)])
     return dsets.dataloaders(bs=bs, val_bs=2 * bs, shuffle=shuffle, drop_last=shuffle)
 
+# %% ../nbs/80_demo.ipynb #f184cf2f
 def _block(ni, nf, stride): return [nn.Conv2d(ni, nf, 3, stride, 1, bias=False), nn.BatchNorm2d(nf), nn.ReLU()]
 
 def small_cnn(c_in:int=1, # input channels
@@ -54,7 +56,7 @@ def small_cnn(c_in:int=1, # input channels
     layers.update(pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(chans[-1], n_out))
     return nn.Sequential(layers)
 
-# %% ../nbs/80_demo.ipynb #7ae4612b
+# %% ../nbs/80_demo.ipynb #2a9de76a
 def run_demo(sparsity:float=0.9, # target fraction of weights removed
              schedule='one_cycle', # a schedule function, or the name of a built-in one
              granularity:str='weight', # what is pruned together
@@ -83,7 +85,7 @@ def run_demo(sparsity:float=0.9, # target fraction of weights removed
     res['sparsity'] = float(res['report'].sparsity.iloc[-1])
     return res
 
-# %% ../nbs/80_demo.ipynb #ee89dd68
+# %% ../nbs/80_demo.ipynb #00f3bd4d
 @call_parse
 def main(sparsity:float=0.9, # target fraction of weights removed, in [0, 1]
          schedule:str='one_cycle', # one of one_shot, iterative, agp, one_cycle, lin, cos, dsd

@@ -7,15 +7,14 @@ Docs: https://fasterprune.github.io/fasterprune/granularities.html.md"""
 # %% auto #0
 __all__ = ['granularity_table', 'reductions', 'register_granularity', 'known_granularities', 'Grouping']
 
-# %% ../nbs/02_granularities.ipynb #3395ce9b
+# %% ../nbs/02_granularities.ipynb #2391bfad
 import math, re
 import torch
 from torch import nn
 from fastcore.basics import store_attr, patch
 
-# %% ../nbs/02_granularities.ipynb #6da975fa
-def _conv_view(m, w): return w.view(m.groups, w.shape[0] // m.groups, *w.shape[1:])
-def _convT_view(m, w): return w.view(m.groups, w.shape[0] // m.groups, *w.shape[1:])
+# %% ../nbs/02_granularities.ipynb #61cee94d
+def _conv_view(m, w): return w.view(m.groups, w.shape[0] // m.groups, *w.shape[1:]) # (out, in/g, *k) or (in, out/g, *k)
 def _no_view(m, w): return w
 
 def _conv_table(nd): # view (groups, out/g, in/g, *kernel)
@@ -26,30 +25,39 @@ def _convT_table(nd): # view (groups, in/g, out/g, *kernel)
     k = tuple(range(3, 3 + nd))
     return dict(weight=(), kernel=k, filter=(1,) + k, channel=(2,) + k)
 
-# %% ../nbs/02_granularities.ipynb #d7829e61
+# %% ../nbs/02_granularities.ipynb #ab610ff3
 granularity_table = {
     nn.Linear:          dict(view=_no_view,   in_dim=1, dims=dict(weight=(), filter=(1,), channel=(0,))),
-    nn.Conv1d:          dict(view=_conv_view,  in_dim=1, dims=_conv_table(1)),
-    nn.Conv2d:          dict(view=_conv_view,  in_dim=1, dims=_conv_table(2)),
-    nn.Conv3d:          dict(view=_conv_view,  in_dim=1, dims=_conv_table(3)),
-    nn.ConvTranspose1d: dict(view=_convT_view, in_dim=0, dims=_convT_table(1)),
-    nn.ConvTranspose2d: dict(view=_convT_view, in_dim=0, dims=_convT_table(2)),
-    nn.ConvTranspose3d: dict(view=_convT_view, in_dim=0, dims=_convT_table(3)),
+    nn.Conv1d:          dict(view=_conv_view, in_dim=1, dims=_conv_table(1)),
+    nn.Conv2d:          dict(view=_conv_view, in_dim=1, dims=_conv_table(2)),
+    nn.Conv3d:          dict(view=_conv_view, in_dim=1, dims=_conv_table(3)),
+    nn.ConvTranspose1d: dict(view=_conv_view, in_dim=0, in_all_groups=True, dims=_convT_table(1)),
+    nn.ConvTranspose2d: dict(view=_conv_view, in_dim=0, in_all_groups=True, dims=_convT_table(2)),
+    nn.ConvTranspose3d: dict(view=_conv_view, in_dim=0, in_all_groups=True, dims=_convT_table(3)),
 }
 
-# %% ../nbs/02_granularities.ipynb #b560e8a3
-def register_granularity(layer_type:type, # the module class
-                         name:str, # granularity name, e.g. 'row'
+# %% ../nbs/02_granularities.ipynb #ffe2d7e7
+def register_granularity(layer_type:type, # the module class, e.g. `nn.Embedding`
+                         name:str, # granularity name, e.g. 'row'; N:M patterns need no entry
                          dims:tuple, # dims of the (viewed) weight reduced over for one group
-                         view=None, # `f(module, weight) -> view` of the weight; defaults to the weight itself
-                         in_dim:int=1, # the weight's input dimension (for N:M blocks)
+                         view:callable=None, # `f(module, weight) -> view` of the weight; default: the registered one, else the weight itself
+                         in_dim:int=None, # the weight's input dim, along which N:M blocks run; default: the registered one, else 1
                         ):
     "Teach fasterprune a granularity `name` for `layer_type`"
-    entry = granularity_table.setdefault(layer_type, dict(view=view or _no_view, in_dim=in_dim, dims={}))
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise TypeError(f"`layer_type`={layer_type!r} is not a module class; pass a subclass of nn.Module, e.g. nn.Embedding")
+    if not isinstance(name, str) or not name.strip() or ':' in name:
+        raise ValueError(f"`name`={name!r}: use a non-empty name without ':' (N:M patterns such as '2:4' need no entry)")
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+        raise TypeError(f"`dims`={dims!r}: use a tuple of ints, the dims of the (viewed) weight one group spans, e.g. (1,)")
+    if view is not None and not callable(view): raise TypeError(f"`view`={view!r} is not callable: use `f(module, weight) -> view`")
+    if in_dim is not None and not isinstance(in_dim, int): raise TypeError(f"`in_dim`={in_dim!r}: use an int, a dim of the weight")
+    entry = granularity_table.setdefault(layer_type, dict(view=_no_view, in_dim=1, dims={}))
     if view is not None: entry['view'] = view
+    if in_dim is not None: entry['in_dim'] = in_dim
     entry['dims'][name] = tuple(dims)
 
-# %% ../nbs/02_granularities.ipynb #5c23b1fc
+# %% ../nbs/02_granularities.ipynb #31dee7f1
 def _table_entry(module):
     for t in type(module).__mro__:
         if t in granularity_table: return granularity_table[t]
@@ -67,10 +75,14 @@ def known_granularities()->list:
     names = {n for e in granularity_table.values() for n in e['dims']}
     return sorted(names) + ["'N:M' (e.g. '2:4')"]
 
-# %% ../nbs/02_granularities.ipynb #3ea5b20a
+# %% ../nbs/02_granularities.ipynb #96bc93e7
 class Grouping:
     "Granularity `name` applied to `module` (called `layer` in messages)"
-    def __init__(self, module:nn.Module, name:str, layer:str='layer'):
+    def __init__(self,
+                 module:nn.Module, # the layer whose `weight` is grouped
+                 name:str, # a granularity of the layer type's table, or an N:M pattern such as '2:4'
+                 layer:str='layer', # the layer's name, for error messages
+                ):
         store_attr('module,name,layer')
         entry = _table_entry(module)
         if entry is None:
@@ -83,25 +95,37 @@ class Grouping:
         self.in_dim = entry['in_dim']
         if self.nm:
             n, M = self.nm
-            if self.shape[self.in_dim] % M:
+            if not -len(self.shape) <= self.in_dim < len(self.shape):
+                raise ValueError(f"Layer `{layer}` ({type(module).__name__}): the table's `in_dim`={self.in_dim} is not a dim "
+                                 f"of its weight {list(self.shape)}")
+            size = self.shape[self.in_dim] // (module.groups if entry.get('in_all_groups') else 1)
+            if size % M:
                 raise ValueError(f"`granularity`={name!r} does not apply to layer `{layer}` ({type(module).__name__}, weight "
-                                 f"{list(self.shape)}): its input size per group, {self.shape[self.in_dim]}, is not a multiple of {M}")
+                                 f"{list(self.shape)}): its input size per group, {size}, is not a multiple of {M}")
             self.n_groups, self.per_group = self.numel // M, M - n
             self.mask_shape = self.shape
         else:
             if name not in entry['dims']:
                 raise ValueError(f"`granularity`={name!r} does not apply to layer `{layer}` ({type(module).__name__}); "
                                  f"for it use one of {sorted(entry['dims'])} or an N:M pattern")
-            self._view, self.dims = entry['view'], entry['dims'][name]
+            self._view, dims = entry['view'], entry['dims'][name]
             vshape = self.view(torch.empty(self.shape, device='meta')).shape
+            if not all(-len(vshape) <= d < len(vshape) for d in dims):
+                raise ValueError(f"`granularity`={name!r} reduces dims {dims}, but layer `{layer}`'s (viewed) weight "
+                                 f"{list(vshape)} has {len(vshape)} dims")
+            self.dims = tuple(sorted({d % len(vshape) for d in dims}))
             self.mask_shape = tuple(1 if i in self.dims else s for i, s in enumerate(vshape))
             self.n_groups = math.prod(self.mask_shape)
             self.per_group = self.numel // self.n_groups
 
-    def view(self, w): return self._view(self.module, w)
+    def view(self,
+             w:torch.Tensor, # a weight-shaped tensor
+            )->torch.Tensor:
+        "`w` reshaped (without copying) to the view in which a group's dims are `self.dims`"
+        return self._view(self.module, w)
     def __repr__(self): return f"Grouping({self.name!r}, {self.layer}: {self.n_groups} groups of {self.per_group})"
 
-# %% ../nbs/02_granularities.ipynb #aecdc56c
+# %% ../nbs/02_granularities.ipynb #f28941c6
 reductions = ('mean', 'sum', 'l2', 'max')
 
 def _reduce(t, dims, how):
@@ -118,7 +142,10 @@ def _blocks(self:Grouping, t):
     return t.movedim(self.in_dim, -1).reshape(-1, self.nm[1])
 
 @patch
-def reduce_scores(self:Grouping, scores:torch.Tensor, how:str='mean')->torch.Tensor:
+def reduce_scores(self:Grouping,
+                  scores:torch.Tensor, # per-weight scores, the weight's shape
+                  how:str='mean', # how a group's scores combine: one of `reductions`
+                 )->torch.Tensor:
     "One score per group, flattened, from per-weight `scores`"
     if self.nm:
         n, M = self.nm
@@ -126,9 +153,12 @@ def reduce_scores(self:Grouping, scores:torch.Tensor, how:str='mean')->torch.Ten
         return _reduce(lost, (1,), how)
     return _reduce(self.view(scores), self.dims, how).reshape(-1)
 
-# %% ../nbs/02_granularities.ipynb #2df8d0e1
+# %% ../nbs/02_granularities.ipynb #e9c9c6ca
 @patch
-def make_mask(self:Grouping, keep:torch.Tensor, scores:torch.Tensor=None)->torch.Tensor:
+def make_mask(self:Grouping,
+              keep:torch.Tensor, # flat bool, one entry per group: True = keep
+              scores:torch.Tensor=None, # per-weight scores (N:M only: a pruned block keeps its N best)
+             )->torch.Tensor:
     "The stored bool mask for the flat group mask `keep` (True = keep)"
     if not self.nm: return keep.reshape(self.mask_shape)
     n, M = self.nm
@@ -139,11 +169,16 @@ def make_mask(self:Grouping, keep:torch.Tensor, scores:torch.Tensor=None)->torch
     return mask.reshape(moved).movedim(-1, self.in_dim).contiguous()
 
 @patch
-def apply(self:Grouping, w:torch.Tensor, mask:torch.Tensor):
+def apply(self:Grouping,
+          w:torch.Tensor, # the weight (or any weight-shaped tensor), changed in place
+          mask:torch.Tensor, # a mask from `make_mask`
+         ):
     "Zero the pruned weights of `w` in place"
     (w if self.nm else self.view(w)).mul_(mask.view(torch.uint8)) # as 0/1 bytes: several times faster than a bool mul
 
 @patch
-def out_mask(self:Grouping, mask:torch.Tensor):
+def out_mask(self:Grouping,
+             mask:torch.Tensor, # a mask from `make_mask`
+            ):
     "Per output unit keep-mask for a `'filter'` grouping, else None"
     return mask.reshape(-1) if self.name == 'filter' else None

@@ -7,17 +7,17 @@ Docs: https://fasterprune.github.io/fasterprune/graph.html.md"""
 # %% auto #0
 __all__ = ['passthrough_modules', 'passthrough_functions', 'passthrough_methods', 'bn_types', 'weight_layers',
            'channelwise_modules', 'channelwise_functions', 'channelwise_methods', 'graph_modes', 'ModelGraph',
-           'following', 'following_bns', 'Link', 'node_kind', 'chain', 'uses', 'producers', 'consumers', 'caching']
+           'ChannelLink', 'node_kind']
 
-# %% ../nbs/05_graph.ipynb #f6fbecd5
-import warnings, operator
+# %% ../nbs/05_graph.ipynb #8a0e1072
+import warnings, operator, weakref
 from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn, fx
-from fastcore.basics import store_attr
+from fastcore.basics import patch
 
-# %% ../nbs/05_graph.ipynb #42755520
+# %% ../nbs/05_graph.ipynb #e56a8be9
 passthrough_modules = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Identity,
                        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -29,7 +29,7 @@ passthrough_functions = {F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.le
 passthrough_methods = {'relu', 'relu_', 'tanh', 'contiguous'}
 bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-# %% ../nbs/05_graph.ipynb #09971027
+# %% ../nbs/05_graph.ipynb #3f590b4f
 class ModelGraph:
     "The data flow between a model's modules, traced with torch.fx (or forward hooks as a fallback)"
     def __init__(self,
@@ -39,6 +39,7 @@ class ModelGraph:
         self.model, self.reason, self.gm = model, None, None
         self.modules = dict(model.named_modules())
         self._next = {} # module name -> list of module names reading its output through pass-through ops
+        self._uses = self.channel_error = self.cache = None # channel links (built on first use), why they failed, `caching`'s store
         try:
             self.gm = fx.symbolic_trace(model)
             self.mode = 'fx'
@@ -55,14 +56,15 @@ class ModelGraph:
 
     def __repr__(self): return f"ModelGraph({type(self.model).__name__}, mode={self.mode})"
 
-# %% ../nbs/05_graph.ipynb #0a0855ff
+# %% ../nbs/05_graph.ipynb #cb1c88ff
 def _is_passthrough(graph, node):
     if node.op == 'call_module': return isinstance(graph.modules.get(node.target), passthrough_modules)
     if node.op == 'call_function': return node.target in passthrough_functions
     if node.op == 'call_method': return node.target in passthrough_methods
     return False
 
-def _index_fx(self):
+@patch
+def _index_fx(self:ModelGraph):
     for node in self.gm.graph.nodes:
         if node.op != 'call_module': continue
         found, todo, seen = [], list(node.users), set()
@@ -76,16 +78,19 @@ def _index_fx(self):
             elif u.op == 'call_module': found.append(u.target)
         self._next.setdefault(node.target, [])
         self._next[node.target] += [f for f in found if f not in self._next[node.target]]
-ModelGraph._index_fx = _index_fx
 
-# %% ../nbs/05_graph.ipynb #898b9933
-def _index_hooks(self, x):
-    producer, hooks = {}, []
+# %% ../nbs/05_graph.ipynb #bd4539c2
+@patch
+def _index_hooks(self:ModelGraph, x):
+    producer, hooks = {}, [] # id(tensor) -> (weak reference to the tensor, name of the module that wrote it)
+    def source(t):
+        ref, name = producer.get(id(t), (None, None)) if isinstance(t, torch.Tensor) else (None, None)
+        return name if ref is not None and ref() is t else None # a dead reference: the id is a freed tensor's, reused
     def hook(mod, inp, out, name=None):
-        src = producer.get(id(inp[0])) if inp and isinstance(inp[0], torch.Tensor) else None
-        if src is not None: self._next.setdefault(src, []).append(name)
+        src = source(inp[0]) if inp else None
+        if src is not None and name not in self._next.setdefault(src, []): self._next[src].append(name)
         if isinstance(out, torch.Tensor):
-            producer[id(out)] = src if (src is not None and isinstance(mod, passthrough_modules)) else name
+            producer[id(out)] = weakref.ref(out), (src if src is not None and isinstance(mod, passthrough_modules) else name)
     for name, m in self.modules.items():
         if name and not list(m.children()):
             hooks.append(m.register_forward_hook(lambda mod, i, o, name=name: hook(mod, i, o, name)))
@@ -95,19 +100,23 @@ def _index_hooks(self, x):
     finally:
         self.model.train(was_training)
         for h in hooks: h.remove()
-ModelGraph._index_hooks = _index_hooks
 
-# %% ../nbs/05_graph.ipynb #152b9e47
-def following(self, name:str)->list:
+# %% ../nbs/05_graph.ipynb #b532b436
+@patch
+def following(self:ModelGraph,
+              name:str, # a module's name, as in `model.named_modules()`
+             )->list:
     "Modules reading the output of module `name`, through pass-through operations"
     return list(self._next.get(name, []))
 
-def following_bns(self, name:str)->list:
+@patch
+def following_bns(self:ModelGraph,
+                  name:str, # a module's name, as in `model.named_modules()`
+                 )->list:
     "BatchNorm modules that normalise the output of module `name`"
     return [n for n in self.following(name) if isinstance(self.modules.get(n), bn_types)]
-ModelGraph.following, ModelGraph.following_bns = following, following_bns
 
-# %% ../nbs/05_graph.ipynb #03c0aca9
+# %% ../nbs/05_graph.ipynb #12a5242e
 weight_layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 channelwise_modules = passthrough_modules + (
@@ -123,8 +132,8 @@ _adds = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, to
 _scales = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div}
 _cats = {torch.cat, torch.concat}
 
-# %% ../nbs/05_graph.ipynb #e86fdb64
-class Link:
+# %% ../nbs/05_graph.ipynb #870b1d3c
+class ChannelLink:
     "Channel `here[i]` of a layer is channel `there[i]` of neighbour `layer`, through the BatchNorms `bns`"
     __slots__ = ('layer', 'here', 'there', 'bns')
     def __init__(self,
@@ -136,9 +145,9 @@ class Link:
     def __repr__(self):
         n = 'all channels' if self.here is None else f'{len(self.here)} entries'
         via = f" via {', '.join(b for b, _ in self.bns)}" if self.bns else ''
-        return f"Link({self.layer or 'identity'}: {n}{via})"
+        return f"ChannelLink({self.layer or 'identity'}: {n}{via})"
 
-# %% ../nbs/05_graph.ipynb #b1b5cb78
+# %% ../nbs/05_graph.ipynb #5c12c46b
 def _arg(n, i, name, default=None): return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
 
 def _is_flatten(g, n):
@@ -161,7 +170,9 @@ def _reduces_spatial(n):
 
 def _n_tensors(n): return sum(isinstance(a, fx.Node) for a in n.args)
 
-def node_kind(g, n:fx.Node)->str:
+def node_kind(g:ModelGraph, # a graph traced with fx
+              n:fx.Node, # one node of `g.gm.graph`
+             )->str:
     "What node `n` of `ModelGraph` `g` does to channels"
     if n.op in ('placeholder', 'output'): return 'input' if n.op == 'placeholder' else 'output'
     if n.op == 'get_attr': return 'const'
@@ -189,7 +200,7 @@ def node_kind(g, n:fx.Node)->str:
         if t in ('mean', 'amax', 'sum') and _reduces_spatial(n): return 'reduce'
     return 'other'
 
-# %% ../nbs/05_graph.ipynb #4d3fa28e
+# %% ../nbs/05_graph.ipynb #efef2844
 def _in_ch(m): return m.in_features if isinstance(m, nn.Linear) else m.in_channels
 def _out_ch(m): return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 def _tag(m): return 'l' if isinstance(m, nn.Linear) else 'c'
@@ -210,7 +221,8 @@ def _cat_ok(g, n):
     tags.discard(None)
     return len(tags) == 1 and (d == 1 or (d == -1 and tags == {'l'}))
 
-def _infer_sizes(self):
+@patch
+def _infer_sizes(self:ModelGraph):
     nodes = list(self.gm.graph.nodes)
     self.kinds = {n: node_kind(self, n) for n in nodes}
     size, tag = self.sizes, self.tags = {}, {}
@@ -249,9 +261,8 @@ def _infer_sizes(self):
                     new |= put(unknown[0], size[n] - sum(size[a] for a in n.args[0] if a in size))
             elif k == 'flatten' and tag.get(n) == 'l' and tag.get(ins[0]) == 'l': new |= put(ins[0], size.get(n), 'l')
         if not new: break
-ModelGraph._infer_sizes = _infer_sizes
 
-# %% ../nbs/05_graph.ipynb #8464a0e6
+# %% ../nbs/05_graph.ipynb #6830878e
 def _ar(n): return torch.arange(n)
 
 def _spell(l, n):
@@ -259,28 +270,28 @@ def _spell(l, n):
     if l.here is not None: return l
     here = _ar(n)
     there = here if l.layer is not None and l.there is None else l.there
-    return Link(l.layer, here, there, [(b, here if i is None else i) for b, i in l.bns])
+    return ChannelLink(l.layer, here, there, [(b, here if i is None else i) for b, i in l.bns])
 
-def _with_bn(l, name): return Link(l.layer, l.here, l.there, l.bns + ((name, l.here),))
+def _with_bn(l, name): return ChannelLink(l.layer, l.here, l.there, l.bns + ((name, l.here),))
 
 def _shift(l, n, o): # `here` moves by `o` (concatenation, producer side)
     l = _spell(l, n)
-    return Link(l.layer, l.here + o, l.there, l.bns)
+    return ChannelLink(l.layer, l.here + o, l.there, l.bns)
 
 def _slice(l, n, o, s): # keep the entries with `here` in [o, o+s), moved back by `o` (concatenation, consumer side)
     l = _spell(l, n)
     k = (l.here >= o) & (l.here < o + s)
-    return Link(l.layer, l.here[k] - o, None if l.there is None else l.there[k], [(b, i[k]) for b, i in l.bns])
+    return ChannelLink(l.layer, l.here[k] - o, None if l.there is None else l.there[k], [(b, i[k]) for b, i in l.bns])
 
 def _spread(l, n, P): # channel c -> features c*P .. c*P+P-1 (flatten, producer side)
     l = _spell(l, n)
     rep = lambda t: t.repeat_interleave(P)
-    return Link(l.layer, (l.here[:, None] * P + _ar(P)).reshape(-1), None if l.there is None else rep(l.there),
+    return ChannelLink(l.layer, (l.here[:, None] * P + _ar(P)).reshape(-1), None if l.there is None else rep(l.there),
                 [(b, rep(i)) for b, i in l.bns])
 
 def _gather(l, n, P): # feature f -> channel f // P (flatten, consumer side)
     l = _spell(l, n)
-    return Link(l.layer, l.here // P, l.there, l.bns)
+    return ChannelLink(l.layer, l.here // P, l.there, l.bns)
 
 def _unique(links):
     out, seen = [], set()
@@ -288,13 +299,14 @@ def _unique(links):
         if id(l) not in seen: seen.add(id(l)); out.append(l)
     return out
 
-# %% ../nbs/05_graph.ipynb #fa1a2ff0
-def _walk_up(self, n):
+# %% ../nbs/05_graph.ipynb #2c1a64fb
+@patch
+def _walk_up(self:ModelGraph, n):
     "Links from the channels of node `n` to the layers that wrote them"
     k, size, up = self.kinds[n], self.sizes, self._up
     ins = _tensor_args(self, n) if n.op != 'output' else []
-    if k == 'layer': return [Link(n.target)]
-    if not ins: return [Link()]
+    if k == 'layer': return [ChannelLink(n.target)]
+    if not ins: return [ChannelLink()]
     a = ins[0]
     if k == 'bn' and size.get(a) == self.modules[n.target].num_features: return [_with_bn(l, n.target) for l in up[a]]
     if k in ('pass', 'add'): return _unique([l for a in ins for l in up[a]])
@@ -309,19 +321,20 @@ def _walk_up(self, n):
         P = size[n] // size[a]
         if P == 1: return up[a]
         if self.tags.get(a) == 'c': return [_spread(l, size[a], P) for l in up[a]]
-    return [Link()]
+    return [ChannelLink()]
 
-def _walk_down(self, n):
+@patch
+def _walk_down(self:ModelGraph, n):
     "Links from the channels of node `n` to the layers that read them"
     size, down, out = self.sizes, self._down, []
     users = [u for u in n.users if self.kinds[u] != 'meta']
-    if not users: return [Link()]
+    if not users: return [ChannelLink()]
     for u in users:
         k = self.kinds[u]
         ins = _tensor_args(self, u) if u.op != 'output' else []
         if k == 'layer' and ins and ins[0] is n:
             m = self.modules[u.target]
-            out.append(Link(u.target) if size.get(n) == _in_ch(m) and self.tags.get(n) == _tag(m) else Link())
+            out.append(ChannelLink(u.target) if size.get(n) == _in_ch(m) and self.tags.get(n) == _tag(m) else ChannelLink())
         elif k == 'bn' and size.get(n) == self.modules[u.target].num_features: out += [_with_bn(l, u.target) for l in down[u]]
         elif k in ('pass', 'add') or (k == 'reduce' and self.tags.get(n) == 'c'): out += down[u]
         elif k == 'cat' and _cat_ok(self, u) and all(b in size for b in u.args[0]) and u in size:
@@ -333,10 +346,11 @@ def _walk_down(self, n):
                 (size[u] == size[n] or self.tags.get(n) == 'c'):
             P = size[u] // size[n]
             out += down[u] if P == 1 else [_gather(l, size[u], P) for l in down[u]]
-        else: out.append(Link())
+        else: out.append(ChannelLink())
     return _unique(out)
 
-def _index_channels(self):
+@patch
+def _index_channels(self:ModelGraph):
     "Producer and consumer links of every layer call: one pass down the graph, one pass up"
     if self._uses is not None: return
     self._infer_sizes()
@@ -349,21 +363,20 @@ def _index_channels(self):
         if self.kinds[n] != 'layer': continue
         m, ins = self.modules[n.target], _tensor_args(self, n)
         ok = ins and self.sizes.get(ins[0]) == _in_ch(m) and self.tags.get(ins[0]) == _tag(m)
-        uses.setdefault(n.target, []).append((self._up[ins[0]] if ok else [Link()], self._down[n]))
+        uses.setdefault(n.target, []).append((self._up[ins[0]] if ok else [ChannelLink()], self._down[n]))
     del self._up, self._down
     self._uses = uses
-ModelGraph._walk_up, ModelGraph._walk_down, ModelGraph._index_channels = _walk_up, _walk_down, _index_channels
-ModelGraph._uses = None
 
-# %% ../nbs/05_graph.ipynb #7571ec45
+# %% ../nbs/05_graph.ipynb #2c9f9fd1
 graph_modes = ('graph', 'chain')
 
-def chain(self)->list:
+@patch(as_prop=True)
+def chain(self:ModelGraph)->list:
     "Names of the Linear/Conv layers in registration order: the reference implementation's chain"
     return [n for n, m in self.modules.items() if isinstance(m, weight_layers)]
-ModelGraph.chain = property(chain)
 
-def _chain_bn(self, name):
+@patch
+def _chain_bn(self:ModelGraph, name):
     C = _out_ch(self.modules[name])
     if self.mode is not None: cands = self.following_bns(name)
     else:
@@ -373,26 +386,30 @@ def _chain_bn(self, name):
             if isinstance(self.modules[n], bn_types): cands.append(n)
     return next((b for b in cands if self.modules[b].num_features == C), None)
 
-def _chain_pair(self, p, c):
+@patch
+def _chain_pair(self:ModelGraph, p, c):
     "(producer link of `c`, consumer link of `p`) for consecutive chain layers `p` -> `c`"
     mp, mc = self.modules[p], self.modules[c]
     Cp, Cc = _out_ch(mp), _in_ch(mc)
     bn = self._chain_bn(p)
     if Cp == Cc:
         bns = [(bn, None)] if bn else []
-        return Link(p, bns=bns), Link(c, bns=bns)
+        return ChannelLink(p, bns=bns), ChannelLink(c, bns=bns)
     if isinstance(mc, nn.Linear) and not isinstance(mp, nn.Linear) and Cc % Cp == 0:
         f = _ar(Cc)
         ch = f // (Cc // Cp) # after a flatten, feature f reads channel f // P
         bns = [(bn, ch)] if bn else []
-        return Link(p, f, ch, bns), Link(c, ch, f, bns)
+        return ChannelLink(p, f, ch, bns), ChannelLink(c, ch, f, bns)
     warnings.warn(f"chain mode: `{p}` writes {Cp} channels but the next layer, `{c}`, reads {Cc}: "
                   "they are not treated as neighbours", stacklevel=4)
-    return Link(), Link()
-ModelGraph._chain_bn, ModelGraph._chain_pair = _chain_bn, _chain_pair
+    return ChannelLink(), ChannelLink()
 
-# %% ../nbs/05_graph.ipynb #5584d345
-def uses(self, name:str, mode:str='graph')->list:
+# %% ../nbs/05_graph.ipynb #67ca1b52
+@patch
+def uses(self:ModelGraph,
+         name:str, # a Linear, Conv or ConvTranspose layer's name
+         mode:str='graph', # one of `graph_modes`
+        )->list:
     "(producer links, consumer links) of each call of layer `name`"
     if mode not in graph_modes: raise ValueError(f"`mode`={mode!r} is unknown; use one of {graph_modes}")
     if not isinstance(self.modules.get(name), weight_layers):
@@ -406,24 +423,31 @@ def uses(self, name:str, mode:str='graph')->list:
             warnings.warn(f"{self.channel_error}; using chain mode", stacklevel=2)
     ch = self.chain
     i = ch.index(name)
-    prod = self._chain_pair(ch[i - 1], name)[0] if i > 0 else Link()
-    cons = self._chain_pair(name, ch[i + 1])[1] if i + 1 < len(ch) else Link()
+    prod = self._chain_pair(ch[i - 1], name)[0] if i > 0 else ChannelLink()
+    cons = self._chain_pair(name, ch[i + 1])[1] if i + 1 < len(ch) else ChannelLink()
     return [([prod], [cons])]
 
-def producers(self, name:str, mode:str='graph')->list:
+@patch
+def producers(self:ModelGraph,
+              name:str, # a Linear, Conv or ConvTranspose layer's name
+              mode:str='graph', # one of `graph_modes`
+             )->list:
     "Links from the input channels of layer `name` to the layers that wrote them"
     return [l for p, _ in self.uses(name, mode) for l in p]
 
-def consumers(self, name:str, mode:str='graph')->list:
+@patch
+def consumers(self:ModelGraph,
+              name:str, # a Linear, Conv or ConvTranspose layer's name
+              mode:str='graph', # one of `graph_modes`
+             )->list:
     "Links from the output channels of layer `name` to the layers that read them"
     return [l for _, c in self.uses(name, mode) for l in c]
-ModelGraph.uses, ModelGraph.producers, ModelGraph.consumers, ModelGraph.channel_error = uses, producers, consumers, None
 
-# %% ../nbs/05_graph.ipynb #2e7656a0
+# %% ../nbs/05_graph.ipynb #235b606c
+@patch
 @contextmanager
-def caching(self):
+def caching(self:ModelGraph):
     "Let criteria keep values computed from the weights until the block ends (the weights must not change inside)"
     old, self.cache = self.cache, {} if self.cache is None else self.cache
     try: yield self.cache
     finally: self.cache = old
-ModelGraph.caching, ModelGraph.cache = caching, None

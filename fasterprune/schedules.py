@@ -8,13 +8,13 @@ Docs: https://fasterprune.github.io/fasterprune/schedules.html.md"""
 __all__ = ['builtin_schedules', 'ramp', 'one_cycle', 'agp', 'one_shot', 'iterative', 'lin', 'cos', 'dsd', 'plot_schedules',
            'check_schedule']
 
-# %% ../nbs/01_schedules.ipynb #215c0df5
+# %% ../nbs/01_schedules.ipynb #a4b7e560
 import math
 from functools import partial
 import numpy as np
 from fastcore.basics import store_attr
 
-# %% ../nbs/01_schedules.ipynb #1399e301
+# %% ../nbs/01_schedules.ipynb #59af2dfd
 def ramp(pos:float, # training progress in [0, 1]
          start:float=0., # where the window opens
          end:float=1., # where the window closes
@@ -24,7 +24,7 @@ def ramp(pos:float, # training progress in [0, 1]
     if pos >= end: return 1.
     return (pos - start) / (end - start)
 
-# %% ../nbs/01_schedules.ipynb #5a8e5b84
+# %% ../nbs/01_schedules.ipynb #2797e5a8
 def one_cycle(pos:float, # training progress in [0, 1]
               alpha:float=14., # steepness of the logistic
               beta:float=6., # offset: the curve is centred near `beta/alpha`
@@ -32,7 +32,7 @@ def one_cycle(pos:float, # training progress in [0, 1]
     "One-Cycle Pruning's logistic schedule (Hubens et al. 2021), from the first batch to the last"
     return (1 + math.exp(beta - alpha)) / (1 + math.exp(beta - alpha * pos))
 
-# %% ../nbs/01_schedules.ipynb #760cdc1c
+# %% ../nbs/01_schedules.ipynb #4c7e7fc5
 def agp(pos:float, # training progress in [0, 1]
         start:float=0.2, # where pruning starts
         end:float=1., # where the target is reached
@@ -42,14 +42,14 @@ def agp(pos:float, # training progress in [0, 1]
     if pos < start: return 0. if initial == 0 else initial
     return 1 + (initial - 1) * (1 - ramp(pos, start, end))**3
 
-# %% ../nbs/01_schedules.ipynb #13a1e8c8
+# %% ../nbs/01_schedules.ipynb #bda6d878
 def one_shot(pos:float, # training progress in [0, 1]
              start:float=0.4, # when the whole target is pruned at once
             )->float: # share of the target sparsity
     "Dense until `start`, then the whole target at once"
     return 1. if pos >= start else 0.
 
-# %% ../nbs/01_schedules.ipynb #2163924b
+# %% ../nbs/01_schedules.ipynb #3e783700
 def iterative(pos:float, # training progress in [0, 1]
               start:float=0.2, # when the first step is pruned
               n_steps:int=3, # number of equal steps
@@ -57,7 +57,7 @@ def iterative(pos:float, # training progress in [0, 1]
     "Dense until `start`, then `n_steps` equal jumps, each followed by an equal fine-tuning phase"
     return math.ceil(n_steps * ramp(pos, start, 1.) - 1e-9) / n_steps
 
-# %% ../nbs/01_schedules.ipynb #bedddb8a
+# %% ../nbs/01_schedules.ipynb #70178cb2
 def lin(pos:float, # training progress in [0, 1]
         start:float=0., # where pruning starts
         end:float=1., # where the target is reached
@@ -65,6 +65,7 @@ def lin(pos:float, # training progress in [0, 1]
     "Linear ramp from 0 to the target over `[start, end]`"
     return ramp(pos, start, end)
 
+# %% ../nbs/01_schedules.ipynb #7f766589
 def cos(pos:float, # training progress in [0, 1]
         start:float=0., # where pruning starts
         end:float=1., # where the target is reached
@@ -72,32 +73,52 @@ def cos(pos:float, # training progress in [0, 1]
     "Half-cosine from 0 to the target over `[start, end]`"
     return (1 - math.cos(math.pi * ramp(pos, start, end))) / 2
 
+# %% ../nbs/01_schedules.ipynb #cc4fce57
 def dsd(pos:float, # training progress in [0, 1]
         mid:float=0.5, # where the full target is reached
        )->float: # share of the target sparsity
     "Dense-sparse-dense: cosine up to the target at `mid`, cosine back down to dense at the end"
     return cos(pos, 0., mid) if pos <= mid else 1 - cos(pos, mid, 1.)
 
-# %% ../nbs/01_schedules.ipynb #95dad89d
+# %% ../nbs/01_schedules.ipynb #5f5f85db
+builtin_schedules = dict(one_shot=one_shot, iterative=iterative, agp=agp, one_cycle=one_cycle, lin=lin, cos=cos, dsd=dsd)
+
+# %% ../nbs/01_schedules.ipynb #62d7ddf2
+def _label(f):
+    "A name for schedule `f` in a legend: its `__name__`, that of the function a `partial` wraps, or its repr"
+    return getattr(f, '__name__', None) or getattr(getattr(f, 'func', None), '__name__', None) or repr(f)
+
 def plot_schedules(scheds:dict|list, # schedules, as `{label: schedule}` or a list of functions
                    n:int=400, # number of positions evaluated
-                   ax=None, # matplotlib axes to draw on
+                   ax=None, # matplotlib axes to draw on, when all schedules share one plot
                    sparsity:float=1., # multiply each share by this target
+                   ncols:int=None, # draw each schedule on its own small plot, `ncols` plots to a row
                   ):
-    "Plot each schedule's share of the target against training progress"
+    "Plot each schedule's share of the target (times `sparsity`) against training progress; returns the axes"
     import matplotlib.pyplot as plt
-    if not isinstance(scheds, dict): scheds = {getattr(f, '__name__', None) or f.func.__name__: f for f in scheds}
-    if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
+    if not isinstance(scheds, dict): scheds = {_label(f): f for f in scheds}
     xs = np.linspace(0, 1, n)
-    for label, f in scheds.items(): ax.plot(xs, [sparsity * f(float(x)) for x in xs], label=label)
-    ax.set_xlabel('training progress'); ax.set_ylabel('sparsity' if sparsity != 1 else 'share of target sparsity')
+    ylabel = 'sparsity' if sparsity != 1 else 'share of target sparsity'
+    curves = {label: [sparsity * f(float(x)) for x in xs] for label, f in scheds.items()}
+    if ncols is not None:
+        if not (isinstance(ncols, int) and ncols >= 1): raise ValueError(f"`ncols`={ncols!r}: use a positive int, or None for one plot")
+        if ax is not None: raise ValueError("`ax` and `ncols` cannot be used together: `ncols` draws its own grid of plots")
+        nrows = math.ceil(len(curves) / ncols)
+        fig, axs = plt.subplots(nrows, ncols, figsize=(2.1 * ncols, 1.8 * nrows), sharey=True, squeeze=False,
+                                layout='constrained')
+        for i, (a, (label, ys)) in enumerate(zip(axs.flat, curves.items())):
+            a.plot(xs, ys, color=f'C{i}')
+            a.set_title(label, fontsize=10); a.set_xticks([0, .5, 1], ['0', '0.5', '1']); a.grid(alpha=0.3)
+        for a in axs.flat[len(curves):]: a.set_visible(False)
+        fig.supxlabel('training progress', fontsize=10); fig.supylabel(ylabel, fontsize=10)
+        return axs
+    if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
+    for label, ys in curves.items(): ax.plot(xs, ys, label=label)
+    ax.set_xlabel('training progress'); ax.set_ylabel(ylabel)
     ax.legend(); ax.grid(alpha=0.3)
     return ax
 
-# %% ../nbs/01_schedules.ipynb #370b8d62
-builtin_schedules = dict(one_shot=one_shot, iterative=iterative, agp=agp, one_cycle=one_cycle, lin=lin, cos=cos, dsd=dsd)
-
-# %% ../nbs/01_schedules.ipynb #8d689efc
+# %% ../nbs/01_schedules.ipynb #cafa031b
 def check_schedule(schedule, # the schedule to check
                    name:str='schedule', # the argument's name, for the error message
                   ):

@@ -174,6 +174,24 @@ def test_export_and_load_learner(dls, tmp_path):
     assert learn2.predict(item)[1] == learn.predict(item)[1]
     same_tensors(learn2.model.state_dict(), learn.model.state_dict())
 
+def test_export_without_the_callback_pickles_no_fasterprune(dls, tmp_path):
+    "Once its SparsifyCallback is removed, an exported Learner holds nothing of fasterprune (the recorder forgets the last fit's callbacks)"
+    learn = mk(dls, tmp_path, cbs=SparsifyCallback(0.5))
+    quiet_fit(learn, 1)
+    learn.remove_cb(learn.sparsify)
+    learn.export('plain.pkl')
+    assert b'fasterprune' not in (tmp_path/'plain.pkl').read_bytes()
+
+def test_recorded_sparsity_after_load_is_measured(dls, tmp_path):
+    "After `learn.load`, the recorder logs the loaded masks' sparsity, also on steps where the masks do not change"
+    learn = mk(dls, tmp_path, cbs=SparsifyCallback(0.8, schedule=one_shot))
+    quiet_fit(learn, 1)
+    learn.save('pruned')
+    again = mk(dls, tmp_path, cbs=SparsifyCallback(0.8, schedule=partial(one_shot, start=0.))).load('pruned')
+    quiet_fit(again, 1) # the masks are already at the target: they never change in this fit
+    achieved = again.recorder.sparsity['achieved']
+    assert len(achieved) == len(dls.train) and min(achieved) > 0.79
+
 # ---------------------------------------------------------------- resume
 
 @pytest.mark.parametrize('kw', [dict(criterion='movement'), dict(update_every=5, granularity='filter', exclude='fc')])
@@ -360,6 +378,8 @@ def test_masks_follow_dtype_moves(dls):
     (dict(reduce='median'), "`reduce`='median' is unknown"), (dict(layer_sparsity={'fc': 2}), "`layer_sparsity['fc']`"),
     (dict(layer_sparsity=[0.5]), '`layer_sparsity` must be a dict'), (dict(update_every=0), '`update_every`'),
     (dict(update_every=True), '`update_every`'), (dict(lth='yes'), '`lth`'), (dict(rewind_epoch=-1), '`rewind_epoch`'),
+    (dict(links='conv3'), '`links` must be a list'), (dict(links=[1]), '`links`: each linked set'),
+    (dict(links=[['conv3', 4]]), '`links`: layer names are strings'),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, msg):
     kwargs = {'sparsity': 0.5, **kwargs}
@@ -373,6 +393,9 @@ def test_bad_arguments_fail_at_construction(kwargs, msg):
     (dict(granularity='2:4'), "does not apply to layer `conv1`"),
     (dict(lth=True, rewind_epoch=2), '`rewind_epoch`=2'),
     (dict(schedule=lambda p: 1.5 if 0.2 < p < 0.4 else p), 'returned 1.5 at pos='), # fine at 0, 0.5 and 1 only
+    (dict(granularity='filter', links=[['conv3', 'conv9']]), "`links`: 'conv9' is not a pruned layer"),
+    (dict(granularity='filter', links=[['conv2', 'conv3']]), '`links`: linked layers need as many groups'),
+    (dict(granularity='filter', links=lambda sp: 1 / 0), '`links`='),
 ])
 def test_bad_arguments_fail_in_before_fit_without_touching_weights(dls, kwargs, msg):
     learn = mk(dls)
@@ -380,3 +403,27 @@ def test_bad_arguments_fail_in_before_fit_without_touching_weights(dls, kwargs, 
     with pytest.raises((ValueError, TypeError), match=re.escape(msg)): learn.fit(2, cbs=SparsifyCallback(0.5, **kwargs))
     same_tensors(learn.model.state_dict(), before)
     assert len(learn.metrics) == 1 and not hasattr(learn, 'sparsify')
+
+
+def test_links_prune_linked_layers_as_one_unit(dls):
+    "`links` goes to the engine: linked layers get one mask per step, ranked by their summed scores, in every scope"
+    class SameMasks(Callback):
+        order = SparsifyCallback.order + 1
+        def before_fit(self): self.checked = 0
+        def after_step(self):
+            m = self.sparsify.sparsifier.masks
+            assert torch.equal(m['conv3'], m['conv4']); self.checked += 1
+    for scope in ('local', 'global'):
+        spy = SameMasks()
+        learn = quiet_fit(mk(dls, cbs=[SparsifyCallback(0.5, granularity='filter', scope=scope, exclude='fc',
+                                                        links=[['conv3', 'conv4']]), spy]), 1)
+        sp = learn.sparsify.sparsifier
+        assert spy.checked == len(dls.train)
+        assert [[l.name for l in u] for u in sp.units if len(u) > 1] == [['conv3', 'conv4']]
+        assert sp.counts == sp.group_counts(1.)
+        kept = sp.masks['conv3'].reshape(-1)
+        if scope == 'local': assert int((~kept).sum()) == 32 # half of the 64 filters, the same ones in both layers
+        for name in ('conv3', 'conv4'): # the linked filters are dead in both layers, with their BatchNorm
+            w = getattr(learn.model, name).weight
+            assert torch.equal(w.detach().flatten(1).abs().sum(1) != 0, kept)
+            assert torch.equal(getattr(learn.model, 'bn' + name[-1]).weight.detach() != 0, kept)

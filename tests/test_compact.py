@@ -150,6 +150,15 @@ def test_compact_leaves_original_and_output_shape(x):
     assert small[-1].out_features == 10 and max_diff(model, small, x) <= 1e-4
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
+def test_compact_sees_through_wrappers(x):
+    "A `torch.compile` (or DataParallel) wrapper is unwrapped: the compact model is the plain one, smaller and equivalent"
+    model = with_stats(vgg_bn())
+    Sparsifier(model, 0.5, 'filter', links=coupled).prune()
+    for wrapped in (torch.compile(model, backend='eager'), nn.DataParallel(model)):
+        small = compact(wrapped, x[:2])
+        assert not isinstance(small, (nn.DataParallel, torch._dynamo.eval_frame.OptimizedModule))
+        assert n_params(small) < n_params(model) and max_diff(model, small, x) <= 1e-4
+
 def test_compact_keep_and_dense_model(x):
     model = with_stats(vgg_bn())
     small = compact(model, x[:2]) # nothing pruned: nothing removed

@@ -20,9 +20,10 @@ NBS = ROOT / 'nbs'
 LIB = ROOT / 'fasterprune'
 SITE_URL = 'https://fasterprune.github.io/fasterprune'
 BROWSERS = ('chromium', 'chromium-browser', 'google-chrome')
-# The pages opened in the browser; the schedules page must show `plot_schedules`' plot
-PAGES = {'index': 'index.html', 'schedules': 'schedules.html', 'sparsifier': 'sparsifier.html'}
-MUST_HAVE_IMAGE = {'schedules'}
+# The pages opened in the browser; these must show an image: the index its results plot (a repository file copied into
+# the site), the quickstart `plot_sparsity`'s plot, the schedules page `plot_schedules`' plot
+PAGES = {'index': 'index.html', 'quickstart': 'quickstart.html', 'schedules': 'schedules.html', 'sparsifier': 'sparsifier.html'}
+MUST_HAVE_IMAGE = {'index', 'quickstart', 'schedules'}
 
 
 def page_name(nb: Path) -> str:
@@ -97,6 +98,18 @@ def test_readme_current(tmp_path):
     readme = ROOT / 'README.md'
     assert readme.exists() and readme.read_text() == got, \
         'README.md differs from nbs/index.ipynb: run `python tools/build_docs.py --readme-only` and commit README.md'
+
+
+def test_readme_links():
+    "Relative links and images in README.md resolve in the repository, as GitHub resolves them; pages link to the site."
+    text = (ROOT / 'README.md').read_text()
+    links = re.findall(r'\]\(([^)\s]+)\)', text) + re.findall(r'<img [^>]*src="([^"]+)"', text)
+    assert links, 'README.md has no links'
+    for link in links:
+        if re.match(r'^[a-zA-Z][\w+.-]*:|^#', link): continue
+        path = unquote(link.partition('#')[0])
+        assert (ROOT / path).is_file(), f'README.md links to {link}, which is not a file of the repository'
+        assert not path.endswith(('.ipynb', '.qmd')), f'README.md links to the notebook {link}, not to its page on the site'
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -223,7 +223,7 @@ def fake_backward(sp, seed, times=2):
 
 
 def local_oracle(s, n):
-    "Acceptable local counts: round(s·n), capped at n−1. At an exact .5 tie either neighbour (see the xfail below)"
+    "Acceptable local counts: round(s·n), capped at n−1. At an exact .5 tie either neighbour (the engine rounds s·n as Python does: test_local_count_is_round_s_n)"
     x = s * n
     if abs(x - math.floor(x) - 0.5) < 1e-9: return {min(math.floor(x), n - 1), min(math.ceil(x), n - 1)}
     return {min(round(x), n - 1)}
@@ -451,8 +451,6 @@ def test_report():
     assert df.sparsity.iloc[-1] == pytest.approx(0.5) and sp.sparsity_achieved() == pytest.approx(0.5)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: '2:4' on a grouped ConvTranspose checks the total input size (weight dim 0), "
-                                       "not the size per group: its blocks straddle groups, i.e. different output channels")
 def test_nm_on_grouped_transposed_conv_checks_input_per_group():
     "ConvTranspose2d(4, 4, 1, groups=2): 2 inputs per group, like Conv2d(4, 4, 1, groups=2), which '2:4' refuses"
     with pytest.raises(ValueError, match='multiple of 4'): Sparsifier(nn.Sequential(nn.Conv2d(4, 4, 1, groups=2)), 0.5, '2:4')
@@ -464,9 +462,8 @@ def test_nm_on_grouped_transposed_conv_checks_input_per_group():
     assert bool(m.weight[0:2, 0].ne(0).any()), 'output channel 0 lost every input weight: the block spanned two groups'
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason='BUG: a parametrized layer (weight_norm) is "pruned" silently without effect: '
-                                       'apply() zeroes a recomputed `weight` tensor, not the parameters')
 def test_parametrized_layer_is_pruned_or_refused():
+    "A parametrized layer (weight_norm) would be pruned without effect (its `weight` is recomputed): it is refused, naming it"
     from torch.nn.utils.parametrizations import weight_norm
     torch.manual_seed(0)
     model = nn.Sequential(weight_norm(nn.Linear(8, 4)), nn.Linear(4, 2))
@@ -477,7 +474,6 @@ def test_parametrized_layer_is_pruned_or_refused():
     assert int((model[0].weight == 0).sum()) == 16
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason='BUG: local count is round(s*numel/per_group), not round(s*n): fp error flips .5 ties')
 def test_local_count_is_round_s_n():
     "5 filters of 9 weights at s=0.7: round(0.7*5) = round(3.5) = 4, which global scope gives, but local gives 3"
     model = nn.Sequential(nn.Conv2d(1, 5, 3))
@@ -610,7 +606,7 @@ def test_nm_pattern_on_each_layer_type():
     "2:4 keeps the 2 largest |w| of every 4 consecutive weights along the input dim (apex ASP m4n2_1d)"
     torch.manual_seed(0)
     for m in (nn.Linear(8, 3), nn.Conv1d(8, 2, 3), nn.Conv2d(4, 2, 2), nn.Conv2d(8, 4, 3, groups=2),
-              nn.Conv3d(4, 2, 2), nn.ConvTranspose2d(8, 2, 2)):
+              nn.Conv3d(4, 2, 2), nn.ConvTranspose2d(8, 2, 2), nn.ConvTranspose2d(16, 4, 2, groups=2)):
         in_dim = 0 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 1
         blocks = m.weight.detach().movedim(in_dim, -1).reshape(-1, 4).clone()
         sp = Sparsifier(nn.Sequential(m), 0.5, '2:4').prune()
@@ -707,8 +703,6 @@ class _FreedOutput(nn.Module):
         return self.bn(y) + t
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason='BUG: hook-mode graph keys tensors by id() without keeping them alive; '
-                                       'a freed output id is reused and yields a false edge conv -> bn')
 def test_hook_graph_has_no_false_edges():
     found = [ModelGraph(_FreedOutput(), torch.randn(2, 3, 8, 8)).following('conv') for _ in range(5)]
     assert found == [[]] * 5

@@ -134,7 +134,70 @@ def test_include_exclude_matching_nothing():
     rejects(mlp(), ValueError, ['`exclude`', "'2'"], 0.5, exclude='2')  # a BatchNorm is not a prunable layer
     rejects(mlp(), ValueError, ['`include`', 'matches no prunable layer'], 0.5, include=lambda n, m: False)
     rejects(mlp(), ValueError, ['`include`', "'nope'"], 0.5, include=['0', '3', 'nope'])
-    rejects(mlp(), TypeError, ['layer selector', '3.5'], 0.5, include=3.5)
+    rejects(mlp(), TypeError, ['`include`', 'layer selector', '3.5'], 0.5, include=3.5)
+
+
+@pytest.mark.parametrize('kw,arg', [(dict(include=[['0']]), 'include'), (dict(include={'0'}), 'include'), (dict(exclude=7), 'exclude'),
+                                    (dict(include=nn.Linear(2, 2)), 'include'), (dict(exclude=int), 'exclude')])
+def test_selector_of_the_wrong_kind(kw, arg):
+    rejects(mlp(), TypeError, [f'`{arg}`', 'layer selector'], 0.5, **kw)
+
+
+def test_selectors_see_only_prunable_layers():
+    "A predicate or type selects Linear/Conv layers only; a type matching only a BatchNorm says so"
+    seen = []
+    sp = Sparsifier(mlp(), 0.5, include=lambda n, m: seen.append(n) or True)
+    assert [l.name for l in sp.layers] == ['0', '3'] and seen == ['0', '3']
+    rejects(mlp(), ValueError, ['`include`=BatchNorm1d', 'matches only `2` (BatchNorm1d)', 'no granularity table'], 0.5, include=nn.BatchNorm1d)
+    assert [l.name for l in Sparsifier(mlp(), 0.5, exclude=nn.BatchNorm1d).layers] == ['0', '3']  # harmless in `exclude`
+
+
+def test_predicate_that_raises_names_the_argument_and_layer():
+    def bad(n, m): return m.kernel_size == 3
+    msg = rejects(mlp(), ValueError, ['`exclude`', 'bad', 'AttributeError', 'layer `0`'], 0.5, exclude=bad)
+    with pytest.raises(ValueError) as info: Sparsifier(mlp(), 0.5, include=bad)
+    assert isinstance(info.value.__cause__, AttributeError)
+
+
+def test_include_exclude_leaving_nothing():
+    rejects(mlp(), ValueError, ["`include`=['0', '3'] selects ['0', '3']", "`exclude`=Linear removes ['0', '3']", 'no prunable layer'],
+            0.5, include=['0', '3'], exclude=nn.Linear)
+
+
+@pytest.mark.parametrize('wrap', ['parametrizations.weight_norm', 'parametrizations.spectral_norm', 'weight_norm', 'prune'])
+def test_recomputed_weights_are_refused(wrap):
+    "A weight recomputed at every forward cannot be pruned by zeroing it: refused, naming the layer; fine once excluded"
+    import warnings
+    from torch.nn.utils import parametrizations, prune, weight_norm
+    model = mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.nn.utils.weight_norm is deprecated
+        if wrap == 'prune': prune.l1_unstructured(model[3], 'weight', 0.5)
+        elif wrap == 'weight_norm': weight_norm(model[3])
+        else: getattr(parametrizations, wrap.split('.')[1])(model[3])
+    rejects(model, ValueError, ['layer `3`', 'cannot be pruned', "exclude='3'"], 0.5)
+    assert [l.name for l in Sparsifier(model, 0.5, exclude='3').layers] == ['0']
+
+
+def test_layer_sparsity_above_nm_cap():
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 4))
+    rejects(model, ValueError, ['`layer_sparsity`', 'layer `1`', '0.75', "'2:4'", '0.5'], 0.3, '2:4', layer_sparsity={'1': 0.75})
+
+
+@pytest.mark.parametrize('links,words', [('0', ['`links` must be a list']), ([('0', '3'), 5], ['`links`: each linked set', '5']),
+                                         ([['0', 3]], ['`links`: layer names are strings', '3']),
+                                         (lambda sp: [][1], ['`links`=', 'IndexError'])])
+def test_links_of_the_wrong_form(links, words):
+    rejects(mlp(), (TypeError, ValueError), words, 0.5, 'filter', links=links)
+
+
+@pytest.mark.parametrize('share', [1.5, -0.5, math.nan, '1', None, True])
+def test_update_share(share):
+    model = mlp()
+    sp = Sparsifier(model, 0.5).prune()
+    masks = {k: v.clone() for k, v in sp.masks.items()}
+    with pytest.raises((TypeError, ValueError), match='`share`'): sp.update(share)
+    assert all(torch.equal(sp.masks[k], v) for k, v in masks.items())
 
 
 def test_layer_sparsity_key_matching_nothing():

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 from fasterprune.criteria import Layer, get_criterion
 from fasterprune.graph import ModelGraph
-from fasterprune.lookahead import Lookahead, lookahead, lookahead_bn, lookahead_factors, in_sq, out_sq
+from fasterprune.lookahead import LookaheadCriterion, lookahead, lookahead_bn, lookahead_factors, in_sq, out_sq
 from fasterprune.sparsifier import Sparsifier
 
 torch.set_num_threads(1)
@@ -39,7 +39,7 @@ def fc_vector():
         net[4].weight.copy_(torch.tensor([[2, 1.5]]))
     return net
 
-@pytest.mark.parametrize('crit', [lookahead, Lookahead(mode='chain'), lookahead_bn])
+@pytest.mark.parametrize('crit', [lookahead, LookaheadCriterion(mode='chain'), lookahead_bn])
 def test_fc_vector(crit):
     s = scores(fc_vector(), crit)
     torch.testing.assert_close(s['0'], torch.tensor([[6.7082, 4.4721], [0.26, 0.13]]), atol=1e-4, rtol=0)
@@ -56,8 +56,8 @@ def test_fc_vector_pruning():
 
 def test_names_and_repr():
     assert get_criterion('lookahead') is lookahead and get_criterion('lookahead_bn') is lookahead_bn
-    assert repr(Lookahead(mode='chain', bn=True)) == "lookahead_bn(mode='chain')"
-    with pytest.raises(ValueError, match="one of"): Lookahead(mode='dag')
+    assert repr(LookaheadCriterion(mode='chain', bn=True)) == "lookahead_bn(mode='chain')"
+    with pytest.raises(ValueError, match="one of"): LookaheadCriterion(mode='dag')
 
 # ------------------------------------------------------------------ brute force on linear chains
 
@@ -136,7 +136,7 @@ def test_chain_and_graph_agree_on_vgg(bn):
     torch.manual_seed(2)
     net = randomize_bns(vgg_like())
     g = ModelGraph(net)
-    sg, sc = scores(net, Lookahead(bn=bn), graph=g), scores(net, Lookahead(mode='chain', bn=bn), graph=g)
+    sg, sc = scores(net, LookaheadCriterion(bn=bn), graph=g), scores(net, LookaheadCriterion(mode='chain', bn=bn), graph=g)
     for n in sg: torch.testing.assert_close(sg[n], sc[n], rtol=1e-6, atol=0)
 
 def test_concat_pool_head():
@@ -194,7 +194,7 @@ def test_residual_uses_the_skip(bn):
     net = randomize_bns(ResNet())
     g = ModelGraph(net)
     assert sorted(l.layer for l in g.producers('out')) == ['c2', 's'] and sorted(l.layer for l in g.consumers('s')) == ['c1', 'out']
-    s = scores(net, Lookahead(bn=bn), graph=g)
+    s = scores(net, LookaheadCriterion(bn=bn), graph=g)
     Ws, W1, W2, Wo = (m.weight.detach() for m in (net.s, net.c1, net.c2, net.out))
     d2 = (net.bn2.weight / (net.bn2.running_var + net.bn2.eps).sqrt()).detach() ** 2 if bn else torch.ones(4)
     d1 = (net.bn1.weight / (net.bn1.running_var + net.bn1.eps).sqrt()).detach() ** 2 if bn else torch.ones(5)

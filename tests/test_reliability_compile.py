@@ -63,10 +63,8 @@ def test_compiled_model_keeps_pruned_weights_zero(cfg):
     assert learn.recorder.values[-1][1] < 1.8 # it learned (validation loss; chance is ln 10 = 2.3)
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, ValueError), reason="BUG: on `torch.compile(model)` (an "
-                   "OptimizedModule) the layers are named `_orig_mod.*`: include/exclude/layer_sparsity by name fail and the "
-                   "callback's checkpoint does not load into an uncompiled run; the engine unwraps DDP but not OptimizedModule")
 def test_torch_compile_wrapper_keeps_layer_names():
+    "`torch.compile(model)` (an OptimizedModule) is unwrapped: layers keep their plain names, states move to the plain model"
     model = small_cnn()
     compiled = torch.compile(model, backend='eager') # names do not depend on the backend
     assert [l.name for l in Sparsifier(compiled, 0.5).layers] == [l.name for l in Sparsifier(small_cnn(), 0.5).layers]

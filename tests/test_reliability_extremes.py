@@ -154,9 +154,8 @@ def test_non_finite_gradients_stop_accumulating_criteria():
         with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-2)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: the FloatingPointError names the layer but not the "
-                   "optimizer step (nor epoch/batch) at which the non-finite weights were found")
 def test_non_finite_weights_error_names_the_step():
+    "The FloatingPointError names the layer and the optimizer step (and epoch and batch) at which it was found"
     set_seed(0)
     learn = Learner(digits_dls(bs=64), small_cnn(), loss_func=CrossEntropyLossFlat(), cbs=[Poison('conv3', math.nan, 27), SparsifyCallback(0.8)])
     with pytest.raises(FloatingPointError) as info:
@@ -206,9 +205,8 @@ def test_tied_weights_one_mask_counted_once(cfg):
     for l in sp.layers: assert not any(t[~weight_mask(sp, l)].any() for t in _state_tensors(states, l.weight))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: with 'filter' granularity a tied weight's pruned "
-                   "filters keep the bias of the second module that uses it (only the first module's bias is zeroed)")
 def test_tied_filter_pruning_silences_every_user():
+    "With 'filter' granularity a tied weight's pruned filters zero the bias of every module that uses it"
     set_seed(0)
     model = Tied()
     for m in model.modules():

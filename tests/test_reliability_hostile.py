@@ -8,9 +8,11 @@ depend on it (a pattern that matches nothing, a granularity a layer does not hav
 pruned layers, a target above what an N:M pattern can reach, `rewind_epoch` past the fit). Valid combinations must fit
 without error.
 
-A few invalid values do not yet give the promised error. They are drawn here only through `known_bad`, which `assume`s
-them away, and each has its own strict xfail test below with the diagnosis: when one is fixed, its xfail turns into an
-XPASS failure, and the value should be removed from `known_bad` so the property test covers it too.
+Every value in the pools is drawn: none is set aside as a known failure. (Should a value ever fail to give the promised
+error, pin it with a strict xfail test of its own and `assume` it away here until it is fixed, so that this page and
+nbs/13_guarantees.ipynb's list of known gaps stay honest.) The single cases at the end were once such gaps: selectors
+of the wrong kind, predicates that raise, selections that leave nothing, malformed `links`, a `layer_sparsity` above an
+N:M cap, and `Sparsifier.update(share)`.
 
 `tests/test_engine_errors.py` and `tests/test_callback.py::test_bad_arguments_*` check the wording of single errors;
 this file checks the combinations. `FP_HOSTILE_EXAMPLES=2000 python -m pytest tests/test_reliability_hostile.py` searches
@@ -124,21 +126,6 @@ SPARSIFIER_ARGS = ['model', 'sparsity', 'granularity', 'criterion', 'scope', 'in
                    'reduce', 'links']
 
 
-def is_a(v, *xs): return any(v is x for x in xs)
-
-
-def known_bad(kw, off):
-    "Values that do not give the promised error yet; each has a strict xfail test below (remove it here once fixed)"
-    inc, exc = kw.get('include'), kw.get('exclude')
-    nested = lambda v: isinstance(v, set) or isinstance(v, list) and any(isinstance(x, (list, set)) for x in v)
-    return (any(is_a(v, 42, 3.5, raises) or nested(v) for v in (inc, exc)) # test_bad_layer_selectors_name_the_argument
-            or is_a(inc, nn.BatchNorm2d)                                  # test_bad_layer_selectors_name_the_argument
-            or is_a(inc, everything)                                      # test_include_predicate_selects_only_prunable_layers
-            or is_a(kw.get('links'), 42, links_crash) or kw.get('links') == [1] # test_bad_links_name_the_argument
-            or 'empty_selection' in off                                   # test_include_exclude_leaving_nothing_name_themselves
-            or 'layer_sparsity_nm' in off)                                # test_layer_sparsity_above_nm_cap_names_layer_sparsity
-
-
 def pruned(kw):
     "The layers of `model()` that valid `include`/`exclude` values select"
     def match(spec, name):
@@ -153,7 +140,7 @@ def pruned(kw):
 
 
 def offenders(kw, fit_epochs=N_EPOCH):
-    """The arguments that are wrong for `model()`, plus markers for the known failures ('empty_selection': include and
+    """The arguments that are wrong for `model()`, plus markers for two kinds of error ('empty_selection': include and
     exclude leave no layer; 'layer_sparsity_nm': a layer_sparsity value above the N:M cap)"""
     off = {a for a, v in kw.items() if any(v is b or (type(v) == type(b) and _same(v, b)) for b in POOLS[a][BAD])}
     if 'model' in off: return off | {'include', 'exclude', 'layer_sparsity', 'links', 'granularity'} # all relative to it
@@ -210,7 +197,6 @@ def assert_names_an_offender(e, off):
 @given(kw=arguments(CALLBACK_ARGS))
 def test_hostile_callback_arguments(kw):
     off = offenders(kw)
-    assume(not known_bad(kw, off))
     learn = Learner(DLS, model(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
     snap, n_metrics, n_cbs = snapshot(learn.model), len(learn.metrics), len(learn.cbs)
     try:
@@ -236,7 +222,6 @@ def test_hostile_callback_arguments(kw):
 @given(kw=arguments(SPARSIFIER_ARGS))
 def test_hostile_sparsifier_arguments(kw):
     off = offenders(kw)
-    assume(not known_bad(kw, off))
     m = kw['model'] = kw['model'] if 'model' in kw else model()
     snap = snapshot(m) if isinstance(m, nn.Module) else None
     try: sp = Sparsifier(**kw)
@@ -257,7 +242,7 @@ def refused_naming(f, names, m=None):
     "`f()` raises ValueError/TypeError whose message names one of `names`; `m` is untouched"
     snap = snapshot(m) if m is not None else None
     try: f()
-    except (ValueError, TypeError) as e: msg = str(e) # any other exception escapes: the xfails name the ones seen
+    except (ValueError, TypeError) as e: msg = str(e) # any other exception escapes and fails the test
     else: raise AssertionError('accepted without an error')
     assert any(f'`{n}' in msg for n in names), msg
     if m is not None: assert_untouched(m, snap)
@@ -272,12 +257,9 @@ def test_schedule_out_of_range_between_sample_points_is_refused_before_the_fit()
     assert len(learn.metrics) == 1
 
 
-# ---------------------------------------------------------------- single cases that do not hold yet
+# ---------------------------------------------------------------- single cases (formerly known gaps)
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, ZeroDivisionError), reason="BUG: a selector that is not a "
-                   "name/pattern/type/predicate, an `include` type that selects only layers without granularity (BatchNorm), "
-                   "or a predicate that raises gives an error that does not name `include`/`exclude` (or a ZeroDivisionError)")
 @pytest.mark.parametrize('kw', [dict(include=42), dict(include=[[]]), dict(include={'conv'}), dict(exclude=3.5),
                                 dict(include=nn.BatchNorm2d), dict(include=raises), dict(exclude=raises)],
                          ids=['int', 'nested-list', 'set', 'float-exclude', 'batchnorm-type', 'raising-include', 'raising-exclude'])
@@ -286,37 +268,29 @@ def test_bad_layer_selectors_name_the_argument(kw):
     refused_naming(lambda: Sparsifier(m, 0.5, **kw), list(kw), m)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: an `include` type or predicate also selects modules that "
-                   "have a weight but no granularity (BatchNorm) and then fails on them, where a name pattern such as '*' "
-                   "selects only prunable layers")
 def test_include_predicate_selects_only_prunable_layers():
+    "An `include` type or predicate selects only modules with a granularity (not BatchNorm), as the pattern '*' does"
     assert [l.name for l in Sparsifier(model(), 0.5, include=everything).layers] == ['conv', 'fc']
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: include/exclude that together leave no layer give "
-                   "'`model` has no prunable layer', which does not name `include`/`exclude`")
 def test_include_exclude_leaving_nothing_name_themselves():
+    "Not '`model` has no prunable layer': the error names `include`/`exclude` and what each selected"
     m = model()
     refused_naming(lambda: Sparsifier(m, 0.5, include='fc', exclude=nn.Linear), ['include', 'exclude'], m)
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, ZeroDivisionError), reason="BUG: `links` (or a linked set in it) "
-                   "that is not iterable gives \"'int' object is not iterable\", and a `links` function that raises escapes as is")
 @pytest.mark.parametrize('links', [42, [1], links_crash], ids=['int', 'int-set', 'raising-function'])
 def test_bad_links_name_the_argument(links):
     m = model()
     refused_naming(lambda: Sparsifier(m, 0.5, links=links), ['links'], m)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: a `layer_sparsity` value above an N:M pattern's cap "
-                   "is reported as '`sparsity`=0.7 is above ...', naming the wrong argument")
 def test_layer_sparsity_above_nm_cap_names_layer_sparsity():
+    "Not '`sparsity`=0.7 is above ...': the value came from `layer_sparsity`"
     m = model()
     refused_naming(lambda: Sparsifier(m, 0.3, '2:4', layer_sparsity={'conv': 0.7}), ['layer_sparsity'], m)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: `Sparsifier.update(share)` does not check `share`: "
-                   "1.5 prunes past the target, -1 prunes nothing, NaN/str/None give unrelated messages")
 @pytest.mark.parametrize('share', [1.5, -1, math.nan, 'x', None])
 def test_update_share_is_checked(share):
     m = model()
