@@ -16,8 +16,10 @@ Run from the repository root:  python benchmarks/compact.py  [--runs1 1000] [--r
 
 Writes the section "## Compaction and 2:4 (issue 7)" of benchmarks/RESULTS.md (other sections are left as they are).
 """
-import argparse, copy, io, os, platform, random, re, statistics, sys, time, warnings
+import argparse, copy, io, os, platform, random, statistics, sys, time, warnings
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402
 
 import torch
 import torchvision
@@ -159,14 +161,6 @@ def report(args, cpu, gpu, seconds):
     return '\n'.join(lines) + '\n'
 
 
-def write_section(text):
-    old = RESULTS.read_text() if RESULTS.exists() else '# Benchmark results\n\n'
-    pat = re.compile(rf'^{re.escape(SECTION)}\n.*?(?=^## |\Z)', re.S | re.M)
-    new = pat.sub(lambda _: text + '\n', old) if pat.search(old) else old.rstrip('\n') + '\n\n' + text + '\n'
-    RESULTS.write_text(new)
-    print(f'wrote {RESULTS}')
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--runs1', type=int, default=1000, help='timed forward passes per model at batch 1')
@@ -183,7 +177,7 @@ def main():
     gpu = gpu_benchmark(args)
     text = report(args, cpu, gpu, time.time() - t0)
     print(text)
-    if not args.no_write: write_section(text)
+    if not args.no_write: write_section(SECTION, text, RESULTS)
 
 
 if __name__ == '__main__': main()

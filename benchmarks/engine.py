@@ -16,6 +16,8 @@ Writes the section "## Engine (issue 2)" of benchmarks/RESULTS.md (other section
 """
 import argparse, gc, os, platform, re, statistics, sys, time
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402
 
 import torch
 import torchvision
@@ -237,15 +239,7 @@ def main():
               'fasterai 0.4.1 holds a float32 mask plus a copy of every weight: 2.0x (issue 2).', '']
     text = '\n'.join(lines)
     print(text)
-    if not args.no_write: write_section(text)
-
-
-def write_section(text):
-    old = RESULTS.read_text() if RESULTS.exists() else '# Benchmark results\n\n'
-    pat = re.compile(rf'^{re.escape(SECTION)}\n.*?(?=^## |\Z)', re.S | re.M)
-    new = pat.sub(lambda _: text + '\n', old) if pat.search(old) else old.rstrip('\n') + '\n\n' + text + '\n'
-    RESULTS.write_text(new)
-    print(f'wrote {RESULTS}')
+    if not args.no_write: write_section(SECTION, text, RESULTS)
 
 
 if __name__ == '__main__': main()

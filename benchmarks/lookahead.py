@@ -11,8 +11,10 @@ from that same dense network prune one-shot to it = 4..8 rounds of the per-layer
 keeps (1-p_l)^it of its weights), with magnitude (`large_final`) and with `lookahead`, per layer, and retrain each
 pruned copy for the same number of steps with the same batch order (pruned weights held at zero).
 """
-import argparse, copy, json, math, os, platform, re, statistics, sys, time
+import argparse, copy, json, math, os, platform, statistics, sys, time
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402
 
 import numpy as np
 import pandas as pd
@@ -240,12 +242,8 @@ def section_text():
     return '\n'.join(lines) + '\n'
 
 def run_report(args):
-    path = OUT / 'RESULTS.md'
-    text = path.read_text() if path.exists() else '# Benchmark results\n'
     new = section_text()
-    pat = re.compile(r'^' + re.escape(SECTION) + r'\n.*?(?=^## |\Z)', re.S | re.M)
-    text = pat.sub(lambda m: new + '\n', text) if pat.search(text) else text.rstrip('\n') + '\n\n' + new
-    path.write_text(text)
+    write_section(SECTION, new, OUT / 'RESULTS.md')
     print(new)
 
 if __name__ == '__main__':

@@ -14,8 +14,10 @@ fasterai (the `bench` extra) is measured when `import fasterai` works; install i
 environment that sees this one, e.g. `python -m venv --system-site-packages /tmp/fa && /tmp/fa/bin/pip install fasterai`,
 then run this script with `/tmp/fa/bin/python`.
 """
-import argparse, contextlib, io, os, platform, re, statistics, sys, time, warnings
+import argparse, contextlib, io, os, platform, statistics, sys, time, warnings
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402
 
 import torch, torchvision
 from fastai.torch_core import set_seed
@@ -169,13 +171,6 @@ def prof_table(prof):
     for k in keys: out.append(f'| {k} | ' + ' | '.join(f'{prof[m][k]:.2f}' for m in prof) + ' |')
     return '\n'.join(out)
 
-def write_section(text, path):
-    "Replace (or append) this benchmark's section of RESULTS.md, leaving the other sections alone"
-    old = path.read_text() if path.exists() else '# Benchmark results\n'
-    pat = re.compile(rf'^{re.escape(SECTION)}\n.*?(?=^## |\Z)', re.S | re.M)
-    new = pat.sub(lambda _: text.rstrip('\n') + '\n\n', old) if pat.search(old) else old.rstrip('\n') + '\n\n' + text.rstrip('\n') + '\n'
-    path.write_text(new)
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--reps', type=int, default=3, help='timed runs of each kind (median reported)')
@@ -211,6 +206,6 @@ def main():
             f"1-min load average {load0:.2f} at the start, {load1:.2f} at the end (the machine is shared); total "
             f"{time.perf_counter() - start:.0f} s. Run: `{cmd.strip()}`\n")
     print(text)
-    if args.write: write_section(text, Path(__file__).parent/'RESULTS.md')
+    if args.write: write_section(SECTION, text)
 
 if __name__ == '__main__': main()

@@ -19,8 +19,10 @@ model and sparsifier alone (no masks), and what stays held after the update.
     python benchmarks/scale.py --write             # also replaces the "Scale (issue 6)" section of RESULTS.md
     python benchmarks/scale.py --json              # one JSON list of the scenarios' numbers, nothing else
 """
-import argparse, ctypes, gc, json, os, platform, re, subprocess, sys, time
+import argparse, ctypes, gc, json, os, platform, subprocess, sys, time
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402
 
 SECTION = '## Scale (issue 6)'
 BOUND = 1.5 # bytes per weight
@@ -120,14 +122,6 @@ def table(rows, cmd, load):
     return '\n'.join(out) + '\n'
 
 
-def write_section(text, path):
-    "Replace (or append) this benchmark's section of RESULTS.md, leaving the other sections alone"
-    old = path.read_text() if path.exists() else '# Benchmark results\n'
-    pat = re.compile(rf'^{re.escape(SECTION)}\n.*?(?=^## |\Z)', re.S | re.M)
-    new = pat.sub(lambda _: text + '\n', old) if pat.search(old) else old.rstrip('\n') + '\n\n' + text
-    path.write_text(new)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--weights', type=float, default=2e8, help='total weights (rounded to whole layers)')
@@ -157,7 +151,7 @@ def main():
     text = table(rows, cmd, (load0, load1))
     print(text)
     print(json.dumps(rows, indent=1))
-    if args.write: write_section(text, Path(__file__).parent / 'RESULTS.md')
+    if args.write: write_section(SECTION, text)
 
 
 if __name__ == '__main__': main()

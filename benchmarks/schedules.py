@@ -27,8 +27,10 @@ settings.ini's `data_path` (`fasterprune.config.fp_config`); random horizontal f
 Results: benchmarks/schedules.csv (one row per fit, appended as they finish, so an interrupted run resumes where it
 stopped), benchmarks/schedules.json (settings, commands, times), benchmarks/schedules.png (accuracy vs sparsity).
 """
-import argparse, contextlib, io, json, math, os, platform, re, sys, time
+import argparse, contextlib, io, json, math, os, platform, sys, time
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # noqa: E402
 
 import numpy as np
 import pandas as pd
@@ -406,11 +408,7 @@ def report(args):
     meta = json.loads(META.read_text()) if META.exists() else {}
     plot(df, PNG)
     new = section_text(df, meta)
-    path = OUT / 'RESULTS.md'
-    text = path.read_text() if path.exists() else '# Benchmark results\n'
-    pat = re.compile(r'^' + re.escape(SECTION) + r'\n.*?(?=^## |\Z)', re.S | re.M)
-    text = pat.sub(lambda m: new + '\n', text) if pat.search(text) else text.rstrip('\n') + '\n\n' + new
-    path.write_text(text)
+    write_section(SECTION, new, OUT / 'RESULTS.md')
     print(new)
 
 if __name__ == '__main__':

@@ -7,7 +7,7 @@ Docs: https://fasterprune.github.io/fasterprune/callback.html.md"""
 # %% auto #0
 __all__ = ['optimizer_steps', 'SparsifyCallback', 'step_pos', 'sidecar', 'save_sparsity', 'load_sparsity']
 
-# %% ../nbs/07_callback.ipynb #d9d66477
+# %% ../nbs/07_callback.ipynb #aaadefd9
 import warnings
 from pathlib import Path
 import numpy as np
@@ -27,7 +27,7 @@ from .criteria import large_final, get_criterion
 from .granularities import granularity_table, known_granularities, reductions
 from .sparsifier import Sparsifier, check_sparsity, check_links, scopes, unwrap_model
 
-# %% ../nbs/07_callback.ipynb #36cfe279
+# %% ../nbs/07_callback.ipynb #c5d32938
 def _batch_sizes(dl):
     "Sizes of the batches `dl` yields in one epoch, or None if they cannot be told"
     bs = getattr(dl, 'bs', None) or getattr(dl, 'batch_size', None)
@@ -56,7 +56,7 @@ def optimizer_steps(learn:Learner, # the `Learner` about to fit
         starts.append(steps)
     return starts
 
-# %% ../nbs/07_callback.ipynb #2927cc8c
+# %% ../nbs/07_callback.ipynb #301ea8a0
 def _check_int(v, name, low):
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
         raise ValueError(f"`{name}` must be an integer >= {low}, got {v!r}")
@@ -69,7 +69,7 @@ def _check_granularity(g):
         raise ValueError(f"`granularity`={g!r} is unknown; use one of {known_granularities()}")
     return g
 
-# %% ../nbs/07_callback.ipynb #cec61e41
+# %% ../nbs/07_callback.ipynb #fc89a503
 class SparsifyCallback(Callback):
     "Prune `learn.model` while it trains: `sparsity * schedule(pos)` at every optimizer step"
     order,run_valid = MixedPrecision.order+10,False
@@ -112,7 +112,7 @@ class SparsifyCallback(Callback):
         return (f"SparsifyCallback({self.sparsity}, {getattr(self.schedule, '__name__', self.schedule)}, {self.granularity!r}, "
                 f"{self.criterion!r}, {self.scope!r})")
 
-# %% ../nbs/07_callback.ipynb #83f678ec
+# %% ../nbs/07_callback.ipynb #406c7064
 @patch(as_prop=True)
 def name(self:SparsifyCallback):
     "`sparsify`, or `sparsify_1`, `sparsify_2`... for further `SparsifyCallback`s on the same `Learner`"
@@ -133,7 +133,7 @@ def pos(self:SparsifyCallback)->float:
     "Training progress at the current optimizer step"
     return step_pos(self.step, self.starts[-1])
 
-# %% ../nbs/07_callback.ipynb #5675e071
+# %% ../nbs/07_callback.ipynb #ea65d144
 def _in_fit(learn):
     "Whether `before_fit` starts a real fit: not `validate`, `get_preds`, `predict` or `lr_find`"
     lock = getattr(learn, 'lock', None)
@@ -185,7 +185,7 @@ def _drop_metric(self:SparsifyCallback):
     if any(getattr(m, 'func', None) == self._measure for m in mets):
         self.learn.metrics = [m for m in mets if getattr(m, 'func', None) != self._measure]
 
-# %% ../nbs/07_callback.ipynb #6c5fcc46
+# %% ../nbs/07_callback.ipynb #5d015f3e
 @patch
 def _check_shares(self:SparsifyCallback):
     "Every optimizer step's share of the target is in [0, 1]"
@@ -198,7 +198,7 @@ def _check_shares(self:SparsifyCallback):
             raise ValueError(f"`schedule`={self.schedule!r} returned {v} at pos={pos:.6g} (optimizer step {step} of {total}); "
                              "a schedule returns the share of the target sparsity, in [0, 1]")
 
-# %% ../nbs/07_callback.ipynb #fc5ab01e
+# %% ../nbs/07_callback.ipynb #566ea886
 @patch
 def _check_resume(self:SparsifyCallback, start_epoch):
     "Warn when a loaded state was saved at another step than the one this fit resumes at; prepare `lth`"
@@ -214,7 +214,7 @@ def _check_resume(self:SparsifyCallback, start_epoch):
         raise ValueError(f"`lth`: resuming at epoch {start_epoch}, after `rewind_epoch`={self.rewind_epoch}, needs the "
                          "weights of the rewind epoch: load a checkpoint saved with this callback attached")
 
-# %% ../nbs/07_callback.ipynb #ad82a83c
+# %% ../nbs/07_callback.ipynb #187a3e1e
 @patch
 def before_batch(self:SparsifyCallback):
     "Update the masks at `schedule(pos)`; when one changes, clean the optimizer state (and rewind, with `lth`)"
@@ -254,7 +254,7 @@ def after_batch(self:SparsifyCallback):
     self._hist['target'].append(self.sparsity * self._share)
     self._hist['achieved'].append(self._achieved)
 
-# %% ../nbs/07_callback.ipynb #57dd810c
+# %% ../nbs/07_callback.ipynb #854ea641
 def _opt_states(opt):
     "The per-parameter state dicts of a fastai `Optimizer`, or of the PyTorch optimizer an `OptimWrapper` wraps"
     if opt is None: return []
@@ -267,10 +267,6 @@ def _state_tensors(states, p):
     "The tensors of `p`'s optimizer state shaped like `p`"
     return [v for st in states if (s := st.get(p)) for v in s.values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
 
-def _filter_params(sp, l):
-    "Bias and following BatchNorm parameters of layer `l` (and of the other users of a tied weight), pruned with its filters"
-    return sp._out_params(l)
-
 @torch.no_grad()
 def _mask_frozen_filter_grads(sp):
     "Mask the bias and BatchNorm gradients of pruned filters whose weight is frozen (the engine's `mask_grads` skips them)"
@@ -279,7 +275,7 @@ def _mask_frozen_filter_grads(sp):
         m = sp.masks.get(l.name)
         if m is None or l.module.weight.grad is not None: continue
         om = l.grouping.out_mask(m)
-        for p in _filter_params(sp, l):
+        for p in sp._out_params(l):
             if p.grad is not None: p.grad.mul_(om.to(p.grad.device))
 
 def _n_kept(m):
@@ -321,7 +317,7 @@ def _clean_opt_state(self:SparsifyCallback, old:dict):
             for t in ts: l.grouping.apply(t, m)
         om = l.grouping.out_mask(m)
         if om is None: continue
-        for p in _filter_params(sp, l):
+        for p in sp._out_params(l):
             for t in _state_tensors(states, p): t.mul_(om)
 
 @patch
@@ -330,7 +326,7 @@ def _after_change(self:SparsifyCallback, old:dict):
     self._clean_opt_state(old)
     self._achieved = _masked_fraction(self.sparsifier)
 
-# %% ../nbs/07_callback.ipynb #9e5737e5
+# %% ../nbs/07_callback.ipynb #e81c7d84
 @patch
 def before_train(self:SparsifyCallback):
     self.step = self.starts[self.epoch]
@@ -352,7 +348,7 @@ def after_fit(self:SparsifyCallback):
     self._drop_metric()
     self.snapshot = None
 
-# %% ../nbs/07_callback.ipynb #9a83c56d
+# %% ../nbs/07_callback.ipynb #96f13452
 _fastai_fit = getattr(Learner.fit, '_fastai', Learner.fit)
 
 def _is_sparsity_metric(m):
@@ -369,7 +365,7 @@ def fit(self:Learner, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, star
 
 Learner.fit._fastai = _fastai_fit
 
-# %% ../nbs/07_callback.ipynb #875a48db
+# %% ../nbs/07_callback.ipynb #623c1f6d
 @patch
 def report(self:SparsifyCallback)->pd.DataFrame:
     "Per-layer sparsity measured from the weights, with an overall row"
@@ -405,7 +401,7 @@ def plot_sparsity(self:Recorder, ax=None, figsize=(6, 4)):
 # an exported Learner must load where fasterprune is not installed once its `SparsifyCallback` is removed
 Recorder._stateattrs = tuple(dict.fromkeys(Recorder._stateattrs + ('sparsity', 'sparsify_cbs')))
 
-# %% ../nbs/07_callback.ipynb #8950d25b
+# %% ../nbs/07_callback.ipynb #73b383a0
 @patch
 def state_dict(self:SparsifyCallback)->dict:
     "What `learn.save` writes beside the model: the sparsifier's state, the schedule position, any lottery-ticket snapshot"
@@ -432,7 +428,7 @@ def _restore(self:SparsifyCallback, sd):
     self._pending = None
     self._achieved = _masked_fraction(self.sparsifier) # what the Recorder logs until the masks next change
 
-# %% ../nbs/07_callback.ipynb #1bb7d576
+# %% ../nbs/07_callback.ipynb #87f7158f
 def sidecar(file)->Path:
     "Where `learn.save` keeps the `SparsifyCallback` state of the model saved in `file`"
     return Path(file).with_suffix('.sparsity.pth')
@@ -454,7 +450,7 @@ def load_sparsity(learn:Learner, file):
     for cb in cbs:
         if cb.name in states: cb.load_state_dict(states[cb.name])
 
-# %% ../nbs/07_callback.ipynb #26384d0e
+# %% ../nbs/07_callback.ipynb #0b2d2f67
 _fastai_save = getattr(Learner.save, '_fastai', Learner.save)
 _fastai_load = getattr(Learner.load, '_fastai', Learner.load)
 
@@ -476,14 +472,14 @@ def load(self:Learner, file, device=None, **kwargs):
 
 Learner.save._fastai, Learner.load._fastai = _fastai_save, _fastai_load
 
-# %% ../nbs/07_callback.ipynb #41fc0d8c
+# %% ../nbs/07_callback.ipynb #91e37e2f
 @patch
 def __getstate__(self:SparsifyCallback):
     d = {k: v for k, v in self.__dict__.items() if k not in ('sparsifier', 'snapshot', '_hist', '_state')}
     if self.sparsifier is not None: d['_pending'] = self.state_dict()
     return d
 
-# %% ../nbs/07_callback.ipynb #8b264cd4
+# %% ../nbs/07_callback.ipynb #0e6b37b2
 @patch
 def _take_snapshot(self:SparsifyCallback):
     self.snapshot = {l.name: l.weight.detach().clone() for l in self.sparsifier.layers}

@@ -7,13 +7,13 @@ Docs: https://fasterprune.github.io/fasterprune/granularities.html.md"""
 # %% auto #0
 __all__ = ['granularity_table', 'reductions', 'register_granularity', 'known_granularities', 'Grouping']
 
-# %% ../nbs/02_granularities.ipynb #2391bfad
+# %% ../nbs/02_granularities.ipynb #c7c011fd
 import math, re
 import torch
 from torch import nn
 from fastcore.basics import store_attr, patch
 
-# %% ../nbs/02_granularities.ipynb #61cee94d
+# %% ../nbs/02_granularities.ipynb #3c0f8689
 def _conv_view(m, w): return w.view(m.groups, w.shape[0] // m.groups, *w.shape[1:]) # (out, in/g, *k) or (in, out/g, *k)
 def _no_view(m, w): return w
 
@@ -25,7 +25,7 @@ def _convT_table(nd): # view (groups, in/g, out/g, *kernel)
     k = tuple(range(3, 3 + nd))
     return dict(weight=(), kernel=k, filter=(1,) + k, channel=(2,) + k)
 
-# %% ../nbs/02_granularities.ipynb #ab610ff3
+# %% ../nbs/02_granularities.ipynb #ea5419c5
 granularity_table = {
     nn.Linear:          dict(view=_no_view,   in_dim=1, dims=dict(weight=(), filter=(1,), channel=(0,))),
     nn.Conv1d:          dict(view=_conv_view, in_dim=1, dims=_conv_table(1)),
@@ -36,7 +36,7 @@ granularity_table = {
     nn.ConvTranspose3d: dict(view=_conv_view, in_dim=0, in_all_groups=True, dims=_convT_table(3)),
 }
 
-# %% ../nbs/02_granularities.ipynb #ffe2d7e7
+# %% ../nbs/02_granularities.ipynb #674b4fd4
 def register_granularity(layer_type:type, # the module class, e.g. `nn.Embedding`
                          name:str, # granularity name, e.g. 'row'; N:M patterns need no entry
                          dims:tuple, # dims of the (viewed) weight reduced over for one group
@@ -57,7 +57,7 @@ def register_granularity(layer_type:type, # the module class, e.g. `nn.Embedding
     if in_dim is not None: entry['in_dim'] = in_dim
     entry['dims'][name] = tuple(dims)
 
-# %% ../nbs/02_granularities.ipynb #31dee7f1
+# %% ../nbs/02_granularities.ipynb #dbad4a32
 def _table_entry(module):
     for t in type(module).__mro__:
         if t in granularity_table: return granularity_table[t]
@@ -75,7 +75,7 @@ def known_granularities()->list:
     names = {n for e in granularity_table.values() for n in e['dims']}
     return sorted(names) + ["'N:M' (e.g. '2:4')"]
 
-# %% ../nbs/02_granularities.ipynb #96bc93e7
+# %% ../nbs/02_granularities.ipynb #687971f1
 class Grouping:
     "Granularity `name` applied to `module` (called `layer` in messages)"
     def __init__(self,
@@ -103,13 +103,13 @@ class Grouping:
                 raise ValueError(f"`granularity`={name!r} does not apply to layer `{layer}` ({type(module).__name__}, weight "
                                  f"{list(self.shape)}): its input size per group, {size}, is not a multiple of {M}")
             self.n_groups, self.per_group = self.numel // M, M - n
-            self.mask_shape = self.shape
+            self.mask_shape = self.view_shape = self.shape
         else:
             if name not in entry['dims']:
                 raise ValueError(f"`granularity`={name!r} does not apply to layer `{layer}` ({type(module).__name__}); "
                                  f"for it use one of {sorted(entry['dims'])} or an N:M pattern")
             self._view, dims = entry['view'], entry['dims'][name]
-            vshape = self.view(torch.empty(self.shape, device='meta')).shape
+            vshape = self.view_shape = self.view(torch.empty(self.shape, device='meta')).shape
             if not all(-len(vshape) <= d < len(vshape) for d in dims):
                 raise ValueError(f"`granularity`={name!r} reduces dims {dims}, but layer `{layer}`'s (viewed) weight "
                                  f"{list(vshape)} has {len(vshape)} dims")
@@ -125,7 +125,7 @@ class Grouping:
         return self._view(self.module, w)
     def __repr__(self): return f"Grouping({self.name!r}, {self.layer}: {self.n_groups} groups of {self.per_group})"
 
-# %% ../nbs/02_granularities.ipynb #f28941c6
+# %% ../nbs/02_granularities.ipynb #7e00c77b
 reductions = ('mean', 'sum', 'l2', 'max')
 
 def _reduce(t, dims, how):
@@ -153,7 +153,7 @@ def reduce_scores(self:Grouping,
         return _reduce(lost, (1,), how)
     return _reduce(self.view(scores), self.dims, how).reshape(-1)
 
-# %% ../nbs/02_granularities.ipynb #e9c9c6ca
+# %% ../nbs/02_granularities.ipynb #e5ca0229
 @patch
 def make_mask(self:Grouping,
               keep:torch.Tensor, # flat bool, one entry per group: True = keep
@@ -182,3 +182,10 @@ def out_mask(self:Grouping,
             ):
     "Per output unit keep-mask for a `'filter'` grouping, else None"
     return mask.reshape(-1) if self.name == 'filter' else None
+
+@patch
+def weight_mask(self:Grouping,
+                mask:torch.Tensor, # a mask from `make_mask`
+               )->torch.Tensor:
+    "`mask` at the shape of the weight, one entry per weight (True = kept): a view, no copy where it can be"
+    return mask.expand(self.view_shape).reshape(self.shape)

@@ -38,11 +38,6 @@ def quiet_fit(learn, n, lr=1e-2, one_cycle=True, **kwargs):
         (learn.fit_one_cycle if one_cycle else learn.fit)(n, lr, **kwargs)
     return learn
 
-def weight_mask(sp, l):
-    "Layer `l`'s keep-mask at the shape of its weight"
-    m = sp.masks[l.name]
-    return m if m.shape == l.weight.shape else m.expand(l.grouping.view(l.weight).shape).reshape(l.weight.shape)
-
 def same_tensors(a, b):
     assert a.keys() == b.keys()
     for k in a:
@@ -59,7 +54,7 @@ class DeadStaysDead(Callback):
     def after_step(self):
         sp, states = self.sparsify.sparsifier, _opt_states(self.opt)
         for l in sp.layers:
-            dead = ~weight_mask(sp, l)
+            dead = ~l.grouping.weight_mask(sp.masks[l.name])
             assert not l.weight[dead].any()
             assert not any(t[dead].any() for t in _state_tensors(states, l.weight))
             if sp.granularity == 'filter':
@@ -113,7 +108,7 @@ def test_save_model_callback_reloads_best_with_its_masks(dls, tmp_path):
     quiet_fit(learn, 4, cbs=SaveModelCallback(monitor='accuracy'))
     assert (tmp_path/'models/model.pth').exists() and (tmp_path/'models/model.sparsity.pth').exists()
     sp = learn.sparsify.sparsifier
-    for l in sp.layers: assert torch.equal(l.weight != 0, weight_mask(sp, l))
+    for l in sp.layers: assert torch.equal(l.weight != 0, l.grouping.weight_mask(sp.masks[l.name]))
     plain = small_cnn()
     plain.load_state_dict(torch.load(tmp_path/'models/model.pth'), strict=True)
     same_tensors(plain.state_dict(), learn.model.state_dict())

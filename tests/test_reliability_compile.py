@@ -23,11 +23,6 @@ from fasterprune.demo import digits_dls, small_cnn
 BACKEND = 'inductor' if any(shutil.which(c) for c in ('cc', 'gcc', 'clang', 'c++', 'g++')) else 'aot_eager'
 
 
-def weight_mask(sp, l):
-    m = sp.masks[l.name]
-    return m if m.shape == l.weight.shape else m.expand(l.grouping.view(l.weight).shape).reshape(l.weight.shape)
-
-
 class Watch(Callback):
     "Pruned weights and their optimizer state are zero after every step; graphs compiled so far, at each epoch's end"
     order = SparsifyCallback.order + 1
@@ -35,7 +30,7 @@ class Watch(Callback):
     def after_step(self):
         sp = self.sparsify.sparsifier
         for l in sp.layers:
-            dead = ~weight_mask(sp, l)
+            dead = ~l.grouping.weight_mask(sp.masks[l.name])
             assert not l.weight[dead].any(), l.name
             assert not any(t[dead].any() for t in _state_tensors(_opt_states(self.opt), l.weight))
         now = {k: m.clone() for k, m in sp.masks.items()}

@@ -34,11 +34,6 @@ def bits_equal(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.flatten().view(torch.uint8), b.flatten().view(torch.uint8))
 
 
-def weight_mask(sp, l):
-    m = sp.masks[l.name]
-    return m if m.shape == l.weight.shape else m.expand(l.grouping.view(l.weight).shape).reshape(l.weight.shape)
-
-
 # ---------------------------------------------------------------- sparsity 0
 
 OPTS = dict(adamw=partial(Adam, wd=0.1, decouple_wd=True), sgd_momentum=partial(SGD, mom=0.9, wd=1e-2),
@@ -106,8 +101,8 @@ def test_extreme_sparsity_on_tiny_layers_empties_no_layer(sparsity, gran, scope,
     if scope == 'local': assert all(k == 1 for k in kept.values()), kept # capped at n-1: exactly one group left
     else: assert all(k >= 1 for k in kept.values()) and sum(kept.values()) == len(sp.layers), kept
     for l in sp.layers:
-        assert not l.weight[~weight_mask(sp, l)].any()
-        assert l.weight[weight_mask(sp, l)].count_nonzero() >= 1 # the kept group is alive
+        assert not l.weight[~l.grouping.weight_mask(sp.masks[l.name])].any()
+        assert l.weight[l.grouping.weight_mask(sp.masks[l.name])].count_nonzero() >= 1 # the kept group is alive
     assert all(math.isfinite(float(x)) for x in learn.recorder.losses)
 
 
@@ -124,7 +119,7 @@ class Poison(Callback):
             l = next(l for l in sp.layers if l.name == self.layer)
             self.masks = {k: m.clone() for k, m in sp.masks.items()}
             self.zeros = {l.name: (l.weight == 0).clone() for l in sp.layers}
-            with torch.no_grad(): l.weight.view(-1)[int(weight_mask(sp, l).reshape(-1).nonzero()[0])] = self.value
+            with torch.no_grad(): l.weight.view(-1)[int(l.grouping.weight_mask(sp.masks[l.name]).reshape(-1).nonzero()[0])] = self.value
         self.n += 1
 
 
@@ -197,12 +192,12 @@ def test_tied_weights_one_mask_counted_once(cfg):
     assert model.dec.weight is model.enc.weight # still tied
     df = sp.report()
     assert df.params.iloc[-1] == (256 if len(names) == 1 else 256 + 256 + 64) # the tied matrix counted once
-    zeros = int((~weight_mask(sp, sp.layers[0])).sum())
+    zeros = int((~sp.layers[0].grouping.weight_mask(sp.masks[sp.layers[0].name])).sum())
     assert int((model.enc.weight == 0).sum()) == int((model.dec.weight == 0).sum()) >= zeros
     if cfg.get('scope') == 'global': assert sum(int((~m).sum()) for m in sp.masks.values()) == round(0.75 * (256 + 256 + 64))
     else: assert zeros == round(0.75 * 256)
     states = _opt_states(learn.opt)
-    for l in sp.layers: assert not any(t[~weight_mask(sp, l)].any() for t in _state_tensors(states, l.weight))
+    for l in sp.layers: assert not any(t[~l.grouping.weight_mask(sp.masks[l.name])].any() for t in _state_tensors(states, l.weight))
 
 
 def test_tied_filter_pruning_silences_every_user():

@@ -32,11 +32,6 @@ def mlp():
                                      act2=nn.ReLU(), fc3=nn.Linear(64, 10)))
 
 
-def weight_mask(sp, l):
-    m = sp.masks[l.name]
-    return m if m.shape == l.weight.shape else m.expand(l.grouping.view(l.weight).shape).reshape(l.weight.shape)
-
-
 class CheckMasks(Callback):
     "After every step: pruned weights and their optimizer state are exactly zero; masks are bool at the weight's device"
     order = SparsifyCallback.order + 1
@@ -44,7 +39,7 @@ class CheckMasks(Callback):
     def after_step(self):
         sp = self.sparsify.sparsifier
         for l in sp.layers:
-            dead = ~weight_mask(sp, l)
+            dead = ~l.grouping.weight_mask(sp.masks[l.name])
             assert sp.masks[l.name].dtype == torch.bool
             assert not l.weight[dead].any(), l.name
             assert not any(t[dead].any() for t in _state_tensors(_opt_states(self.opt), l.weight)), l.name
@@ -58,7 +53,7 @@ def assert_exact(sp):
     for key, k in sp.counts.items():
         lost = sum(int((~sp.masks[u[0].name]).sum()) for u in pools[key])
         if not sp.layers[0].grouping.nm: assert lost == k, key
-    masked = sum(int((~weight_mask(sp, l)).sum()) for l in sp.layers)
+    masked = sum(int((~l.grouping.weight_mask(sp.masks[l.name])).sum()) for l in sp.layers)
     zeros = sum(int((l.weight == 0).sum()) for l in sp.layers)
     n = sum(l.weight.numel() for l in sp.layers)
     assert masked <= zeros <= masked + 0.01 * n # a kept weight can round to zero in low precision, rarely

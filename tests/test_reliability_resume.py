@@ -69,11 +69,6 @@ def same(a, b):
         else: assert torch.equal(a[k], b[k]), k
 
 
-def weight_mask(sp, l):
-    m = sp.masks[l.name]
-    return m if m.shape == l.weight.shape else m.expand(l.grouping.view(l.weight).shape).reshape(l.weight.shape)
-
-
 CASES = {
     'global-large_final': (dict(scope='global'), 11),
     'local-taylor': (dict(criterion='taylor'), 12),
@@ -138,7 +133,7 @@ def test_interrupted_fit_leaves_a_plain_model(dls, tmp_path, gran, exc):
     plain = small_cnn()
     plain.load_state_dict(learn.model.state_dict(), strict=True)
     sp = learn.sparsify.sparsifier
-    for l in sp.layers: assert not l.weight[~weight_mask(sp, l)].any() # the kill left no weight half-masked
+    for l in sp.layers: assert not l.weight[~l.grouping.weight_mask(sp.masks[l.name])].any() # the kill left no weight half-masked
     learn.save('after_kill', with_opt=False) # and what it holds can be saved and resumed from
     saved = torch.load(sidecar(tmp_path/'models/after_kill.pth'), weights_only=True)['sparsify']['sparsifier']['masks']
     same(saved, sp.masks)
