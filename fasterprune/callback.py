@@ -8,13 +8,14 @@ Docs: https://fasterprune.github.io/fasterprune/callback.html.md"""
 __all__ = ['optimizer_steps', 'SparsifyCallback', 'step_pos', 'sidecar', 'save_sparsity', 'load_sparsity']
 
 # %% ../nbs/07_callback.ipynb #aaadefd9
-import warnings
+import warnings, numbers, random, contextlib
 from pathlib import Path
 import numpy as np
 import torch
 import pandas as pd
 from torch import nn
 from fastcore.basics import store_attr, patch, first
+from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastcore.xtras import join_path_file
 from fastai.torch_core import rank_distrib
@@ -22,34 +23,39 @@ from fastai.learner import Learner, Recorder, ValueMetric, save_model, load_mode
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation
+from fastai.callback.schedule import LRFinder # and `Learner.fine_tune`, which this module wraps
 from .schedules import one_cycle, check_schedule
 from .criteria import large_final, get_criterion
 from .granularities import granularity_table, known_granularities, reductions
-from .sparsifier import Sparsifier, check_sparsity, check_links, scopes, unwrap_model
+from .sparsifier import Sparsifier, check_sparsity, check_links, scopes, unwrap_model, prunable_layers, mul_units
 
 # %% ../nbs/07_callback.ipynb #c5d32938
 def _batch_sizes(dl):
     "Sizes of the batches `dl` yields in one epoch, or None if they cannot be told"
-    bs = getattr(dl, 'bs', None) or getattr(dl, 'batch_size', None)
-    n = getattr(dl, 'n', None)
-    if n is None and hasattr(dl, 'dataset'): n = len(dl.dataset)
+    bs, n, drop = getattr(dl, 'bs', None), getattr(dl, 'n', None), getattr(dl, 'drop_last', False) # a fastai `DataLoader`
+    if not bs or n is None: # a PyTorch `DataLoader`: only its own `BatchSampler` tells the batch sizes
+        bsamp = getattr(dl, 'batch_sampler', None)
+        if type(bsamp) is not torch.utils.data.BatchSampler: return None
+        bs, drop = bsamp.batch_size, bsamp.drop_last
+        try: n = len(bsamp.sampler) # a subset sampler yields fewer items than the dataset has
+        except TypeError: return None
     if not bs or n is None: return None
     full, rest = divmod(n, bs)
-    sizes = [bs] * full + ([rest] if rest and not getattr(dl, 'drop_last', False) else [])
+    sizes = [bs] * full + ([rest] if rest and not drop else [])
     return sizes if len(sizes) == len(dl) else None
 
 def optimizer_steps(learn:Learner, # the `Learner` about to fit
                     n_epoch:int, # epochs in the fit
-                   )->list: # steps taken before each epoch, then the total: `n_epoch + 1` numbers
+                    start_epoch:int=0, # where a resumed fit starts: `GradientAccumulation` counts items from 0 there
+                   )->list|None: # steps taken before each epoch, then the total (`n_epoch + 1` numbers), or None if they cannot be told
     "Optimizer steps taken before each epoch of a fit, and in all, counting `GradientAccumulation`"
     dl, ga = learn.dls.train, first(learn.cbs, lambda cb: isinstance(cb, GradientAccumulation))
     if ga is None: return [e * len(dl) for e in range(n_epoch + 1)]
     sizes = _batch_sizes(dl)
-    if sizes is None:
-        warnings.warn("SparsifyCallback: the batch sizes of `dls.train` are unknown; assuming every batch is full")
-        sizes = [getattr(dl, 'bs', 1)] * len(dl)
+    if sizes is None: return None
     starts, steps, count = [0], 0, 0
-    for _ in range(n_epoch):
+    for e in range(n_epoch):
+        if e == start_epoch: count = 0 # `GradientAccumulation.before_fit`: a resumed fit does not carry the skipped epochs' count
         for bs in sizes:
             count += bs
             if count >= ga.n_acc: steps, count = steps + 1, 0
@@ -73,7 +79,7 @@ def _check_granularity(g):
 class SparsifyCallback(Callback):
     "Prune `learn.model` while it trains: `sparsity * schedule(pos)` at every optimizer step"
     order,run_valid = MixedPrecision.order+10,False
-    sparsifier = snapshot = _hist = None # not pickled: rebuilt when needed
+    sparsifier = snapshot = _hist = _layout = _xb = None # not pickled: rebuilt when needed
     def __init__(self,
                  sparsity:float, # target fraction of the weights (of the groups) removed, in [0, 1]
                  schedule=one_cycle, # share of the target as a function of training progress in [0, 1]
@@ -87,7 +93,7 @@ class SparsifyCallback(Callback):
                  update_every:int=None, # recompute the masks every n optimizer steps (held in between), not whenever a count changes
                  lth:bool=False, # lottery ticket: after each mask change, reset surviving weights to their values at `rewind_epoch`
                  rewind_epoch:int=0, # the epoch whose starting weights `lth` rewinds to
-                 sample_input=None, # an input batch, for models torch.fx cannot trace ('filter' granularity)
+                 sample_input=None, # the model's inputs for tracing its graph (default: one batch of `learn.dls`, when a graph is needed)
                  links=None, # layers pruned as one unit: lists of layer names, or `f(sparsifier)` returning them, such as `fasterprune.compact.coupled`
                 ):
         self.sparsity, self.schedule = check_sparsity(sparsity), check_schedule(schedule)
@@ -105,8 +111,12 @@ class SparsifyCallback(Callback):
         links = check_links(links) # its form now; the layer names in `before_fit`, once the model is known
         store_attr('granularity,scope,include,exclude,layer_sparsity,reduce,update_every,lth,rewind_epoch,sample_input,links')
         self.step, self.starts, self._share, self._achieved = 0, [0], 0., 0.
-        self._name = self._pending = self._saved_step = self._last_update = None
-        self._clean_all = True
+        self._name = self._pending = self._saved_step = self._saved_total = self._last_update = self._end_of_fit = None
+        self._clean_all, self._hold, self._by_batch = True, False, False
+
+    def __call__(self, event_name):
+        if event_name == 'before_fit': self.run = True # whatever an interrupted `lr_find`, `validate` or `get_preds` left
+        return super().__call__(event_name)
 
     def __repr__(self):
         return (f"SparsifyCallback({self.sparsity}, {getattr(self.schedule, '__name__', self.schedule)}, {self.granularity!r}, "
@@ -135,34 +145,124 @@ def pos(self:SparsifyCallback)->float:
 
 # %% ../nbs/07_callback.ipynb #ea65d144
 def _in_fit(learn):
-    "Whether `before_fit` starts a real fit: not `validate`, `get_preds`, `predict` or `lr_find`"
+    "Whether `before_fit` starts a real training fit: in `Learner.fit`, not `lr_find`, `validate`, `get_preds`, `predict`, `show_results` or `summary`"
     lock = getattr(learn, 'lock', None)
-    return not ((lock is not None and lock.locked()) or hasattr(learn, 'lr_finder') or hasattr(learn, 'gather_preds'))
+    return (getattr(learn, '_sparsify_fit', None) is not None and not (lock is not None and lock.locked())
+            and not hasattr(learn, 'lr_finder') and not hasattr(learn, 'gather_preds'))
 
 @patch
 def before_fit(self:SparsifyCallback):
     "Build the sparsifier and the `sparsity` column; every error here comes before any weight changes"
-    self._drop_metric()
     self.run = _in_fit(self.learn)
     if not self.run: return
+    self._drop_metric()
+    self._hold = self.learn._sparsify_fit['frozen'] # the frozen phase of `fine_tune` does not prune
+    self._take_sidecar()
     self.build()
     self._check_neighbours()
-    self.starts = optimizer_steps(self.learn, self.n_epoch)
-    self._check_shares()
     skip = getattr(self.learn, 'skip_to_epoch', None)
-    self._check_resume(skip._skip_to if skip is not None else 0)
+    start = skip._skip_to if skip is not None else 0
+    self._plan(start)
+    self._check_shares()
+    self._check_resume(start)
     self._hist, self._last_update, self._clean_all = None, None, True
-    self.learn.metrics.append(ValueMetric(self._measure, 'sparsity' + self.name[len('sparsify'):]))
+    self.sparsifier.apply() # whatever trained the weights since the masks were made (an interrupted `lr_find`), pruned ones are zero
+    if self._hold: self._share = self._achieved / self.sparsity if self.sparsity else 0.
+    self.learn.metrics.append(ValueMetric(self._measure, self.column))
+
+def _check_not_meta(model):
+    "A clear error for a model whose parameters are on the meta device"
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta: raise ValueError(f"`learn.model` has parameters on the meta device ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}): "
+                              "they hold no values to train or prune. Create the model on a real device, or call "
+                              "`model.to_empty(device=...)` and load its weights, before fitting")
+
+def _layout(model, include, exclude)->dict:
+    "`{name: (id(module), weight shape)}` of the layers of `model` that `include` and `exclude` select"
+    return {n: (id(m), tuple(m.weight.shape)) for n, m in prunable_layers(model, include, exclude)}
+
+def _needs_graph(granularity, criterion)->bool:
+    return granularity in ('filter', 'channel') or bool(getattr(criterion, 'needs_graph', False))
 
 @patch
 def build(self:SparsifyCallback)->Sparsifier:
-    "The engine's `Sparsifier` on `learn.model` (built once per model), with any state `learn.load` read"
+    "The engine's `Sparsifier` on `learn.model` (built once per model, rebuilt if its prunable layers change), with any state `learn.load` read"
     if self.learn is None: raise ValueError("this SparsifyCallback is not attached to a Learner")
-    if self.sparsifier is None or self.sparsifier.model is not unwrap_model(self.learn.model):
-        self.sparsifier = Sparsifier(self.learn.model, self.sparsity, self.granularity, self.criterion, self.scope,
-                                     self.include, self.exclude, self.layer_sparsity, self.reduce, self.sample_input, self.links)
+    model = unwrap_model(self.learn.model)
+    _check_not_meta(model)
+    try:
+        if any(nn.parameter.is_lazy(p) for p in model.parameters()): self._materialise(model)
+        layout = _layout(model, self.include, self.exclude)
+        if self.sparsifier is None or self.sparsifier.model is not model: self.sparsifier = self._new_sparsifier()
+        elif layout != self._layout: self._rebuild(layout)
+    finally: self._xb = None # the sample batch is not kept
+    self._layout = layout
     if self._pending is not None: self._restore(self._pending)
     return self.sparsifier
+
+@patch
+def _new_sparsifier(self:SparsifyCallback)->Sparsifier:
+    sample = self.sample_input
+    if sample is None and _needs_graph(self.granularity, self.criterion): sample = self._sample_xb(required=False)
+    return Sparsifier(self.learn.model, self.sparsity, self.granularity, self.criterion, self.scope,
+                      self.include, self.exclude, self.layer_sparsity, self.reduce, sample, self.links)
+
+@patch
+def _rebuild(self:SparsifyCallback, layout:dict):
+    "A new sparsifier on the layers the model has now, keeping the masks and criterion state of the unchanged ones"
+    old, was = self.sparsifier, self._layout or {}
+    same = {n for n, v in layout.items() if was.get(n) == v}
+    changes = dict(added=[n for n in layout if n not in was], removed=[n for n in was if n not in layout],
+                   replaced=[n for n in layout if n in was and n not in same])
+    self.sparsifier = sp = self._new_sparsifier()
+    kept = 0
+    for l in sp.layers:
+        if l.name not in same or l.name not in old.masks: continue
+        sp.masks[l.name], kept = old.masks[l.name], kept + 1
+        if l.name in old.state and l.name in sp.state: sp.state[l.name] = old.state[l.name]
+    self._achieved = _achieved_now(sp)
+    warnings.warn(f"SparsifyCallback: the prunable layers of `learn.model` changed since the sparsifier was built "
+                  f"({'; '.join(f'{k}: {v}' for k, v in changes.items() if v)}): it is rebuilt on the layers the model has now, "
+                  f"keeping the masks of the {kept} unchanged layers")
+
+@patch
+def _sample_xb(self:SparsifyCallback, required:bool=True):
+    "The inputs of one batch of `learn.dls` (the validation set's, if any), drawn without moving any random generator the fit uses"
+    if self._xb is None:
+        try: self._xb = _one_batch_inputs(self.learn)
+        except Exception as e:
+            if required: raise RuntimeError(f"SparsifyCallback: could not draw a batch from `learn.dls` to run through the model: {e!r}") from e
+    return self._xb
+
+@contextlib.contextmanager
+def _rng_kept(dl):
+    "Restore Python's, numpy's, torch's and `dl`'s random generators on exit"
+    py, npy, rng = random.getstate(), np.random.get_state(), getattr(dl, 'rng', None)
+    rng_state = rng.getstate() if isinstance(rng, random.Random) else None
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try: yield
+        finally:
+            random.setstate(py); np.random.set_state(npy)
+            if rng_state is not None: rng.setstate(rng_state); dl.rng = rng
+
+def _one_batch_inputs(learn)->tuple:
+    "The inputs `xb` of one batch of `learn.dls`, on the model's device"
+    dls = learn.dls
+    loaders = getattr(dls, 'loaders', [getattr(dls, 'train', None)])
+    dl = first(d for d in list(loaders[1:2]) + [loaders[0]] if d is not None and len(d))
+    with _rng_kept(dl): b = dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))
+    b = learn._set_device(b)
+    n_inp = getattr(dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)
+    return tuple(b[:n_inp])
+
+@patch
+@torch.no_grad()
+def _materialise(self:SparsifyCallback, model):
+    "Run one batch through `model` (evaluation mode, no gradients) so that its lazy modules create their parameters"
+    xb, was = self._sample_xb(), model.training
+    try: model.eval()(*xb)
+    finally: model.train(was)
 
 @patch
 def _check_neighbours(self:SparsifyCallback):
@@ -176,8 +276,20 @@ def _check_neighbours(self:SparsifyCallback):
         if both: raise ValueError(f"`include`/`exclude`: layers {both} are pruned by `{cb.name}` too; "
                                   "SparsifyCallbacks on one Learner need disjoint layer sets")
 
+def _groups_pruned(sp)->float:
+    "Share of the pruned layers' groups that the masks prune (what the target counts), read from the masks"
+    return sp.sparsity_achieved(of='groups')
+
+_achieved_now = _groups_pruned # what the per-batch history records
+
 @patch
-def _measure(self:SparsifyCallback)->float: return self.sparsifier.sparsity_achieved()
+def _measure(self:SparsifyCallback)->float: return _groups_pruned(self.sparsifier)
+
+@patch(as_prop=True)
+def column(self:SparsifyCallback)->str:
+    "The name of the metric column: `sparsity` (a share of weights: 'weight', N:M), `sparsity (filters)` (of filters)... with the callback's suffix"
+    g = self.granularity
+    return 'sparsity' + self.name[len('sparsify'):] + ('' if g == 'weight' or ':' in g else f' ({g}s)')
 
 @patch
 def _drop_metric(self:SparsifyCallback):
@@ -185,15 +297,50 @@ def _drop_metric(self:SparsifyCallback):
     if any(getattr(m, 'func', None) == self._measure for m in mets):
         self.learn.metrics = [m for m in mets if getattr(m, 'func', None) != self._measure]
 
+@patch
+def _plan(self:SparsifyCallback, start_epoch:int=0):
+    "`starts`: the optimizer steps before each epoch, or, when they cannot be told, the training batches"
+    starts = optimizer_steps(self.learn, self.n_epoch, start_epoch)
+    self._by_batch = starts is None
+    if self._by_batch:
+        n = len(self.learn.dls.train)
+        starts = [e * n for e in range(self.n_epoch + 1)]
+        warnings.warn("SparsifyCallback: the batch sizes of `dls.train` cannot be told before the fit (a `batch_sampler` "
+                      "of its own?), so the optimizer steps `GradientAccumulation` will make cannot be counted: the schedule "
+                      f"advances by training batch instead ({starts[-1]} batches), and reaches the target at the last one")
+    self.starts = starts
+
+@patch
+def _take_sidecar(self:SparsifyCallback):
+    "Take the state `learn.load` read for this callback's name when it was not attached then (`fit(cbs=...)`); warn about any other"
+    side = getattr(self.learn, '_sparsity_sidecar', None)
+    if not side: return
+    if self.name in side['states']: self._pending = side['states'].pop(self.name)
+    names = {cb.name for cb in self.learn._grab_cbs(SparsifyCallback)}
+    if left := [n for n in side['states'] if n not in names]:
+        warnings.warn(f"SparsifyCallback: the state `learn.load` read from {side['file']} for {left} is taken by no callback of "
+                      f"this fit (its SparsifyCallbacks: {sorted(names)}): those masks are not used")
+        for n in left: del side['states'][n]
+    if not side['states']: self.learn._sparsity_sidecar = None
+
 # %% ../nbs/07_callback.ipynb #5d015f3e
+def _is_share(v)->bool:
+    "Whether a schedule's value `v` is a number (a Python or numpy number, or a tensor with one element)"
+    if isinstance(v, (torch.Tensor, np.ndarray)): return v.size == 1 if isinstance(v, np.ndarray) else v.numel() == 1
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
 @patch
 def _check_shares(self:SparsifyCallback):
-    "Every optimizer step's share of the target is in [0, 1]"
+    "Every optimizer step's share of the target is a number in [0, 1]"
     total = self.starts[-1]
     for step in range(total):
         pos = step_pos(step, total)
-        try: v = float(self.schedule(pos))
+        try: v = self.schedule(pos)
         except Exception as e: raise TypeError(f"`schedule`={self.schedule!r} could not be evaluated at pos={pos:.6g}: {e!r}") from e
+        if not _is_share(v):
+            raise TypeError(f"`schedule`={self.schedule!r} returned {v!r} ({type(v).__name__}) at pos={pos:.6g}; a schedule "
+                            "returns a number, the share of the target sparsity in [0, 1]")
+        v = float(v)
         if not 0 <= v <= 1:
             raise ValueError(f"`schedule`={self.schedule!r} returned {v} at pos={pos:.6g} (optimizer step {step} of {total}); "
                              "a schedule returns the share of the target sparsity, in [0, 1]")
@@ -201,12 +348,20 @@ def _check_shares(self:SparsifyCallback):
 # %% ../nbs/07_callback.ipynb #566ea886
 @patch
 def _check_resume(self:SparsifyCallback, start_epoch):
-    "Warn when a loaded state was saved at another step than the one this fit resumes at; prepare `lth`"
-    if self._saved_step is not None and start_epoch and self._saved_step != self.starts[start_epoch]:
-        warnings.warn(f"SparsifyCallback: the loaded masks were saved at optimizer step {self._saved_step}, but this fit "
-                      f"resumes at step {self.starts[start_epoch]} (start_epoch={start_epoch})")
-    self._saved_step = None
-    if not self.lth: return
+    "Warn when a loaded state was saved at another step, or in a fit of another length, than this fit resumes; prepare `lth`"
+    saved, total = self._saved_step, self._saved_total
+    if saved is not None and start_epoch:
+        why = []
+        if saved != self.starts[start_epoch]:
+            why.append(f"the loaded masks were saved at optimizer step {saved}, but this fit resumes at step {self.starts[start_epoch]} "
+                       f"(start_epoch={start_epoch})")
+        if total is not None and total != self.starts[-1]:
+            why.append(f"{'they' if why else 'the loaded masks'} were saved in a fit of {total} optimizer steps, but this one makes "
+                       f"{self.starts[-1]} (another `n_epoch`, batch size or `GradientAccumulation`, or `GradientAccumulation` "
+                       "counting anew from the resumed epoch): the schedule does not continue the course it started")
+        if why: warnings.warn('SparsifyCallback: ' + '; '.join(why))
+    self._saved_step = self._saved_total = None
+    if not self.lth or self._hold: return
     if self.rewind_epoch >= self.n_epoch:
         raise ValueError(f"`rewind_epoch`={self.rewind_epoch}, but this fit has {self.n_epoch} epochs")
     if start_epoch <= self.rewind_epoch: self.snapshot = None
@@ -217,15 +372,30 @@ def _check_resume(self:SparsifyCallback, start_epoch):
 # %% ../nbs/07_callback.ipynb #187a3e1e
 @patch
 def before_batch(self:SparsifyCallback):
-    "Update the masks at `schedule(pos)`; when one changes, clean the optimizer state (and rewind, with `lth`)"
-    sp, old = self.sparsifier, ({} if self._clean_all else dict(self.sparsifier.masks))
+    "Update the masks at `schedule(pos)` (at `schedule(1)` on the fit's last batch); when one changes, clean the optimizer state (and rewind, with `lth`)"
+    if self._hold: return
+    if self._by_batch: self.step = self.starts[self.epoch] + self.iter
+    last = self.epoch == self.n_epoch - 1 and self.iter == self.n_iter - 1 # skipped batches cannot keep the last one from the target
+    old = {} if self._clean_all else dict(self.sparsifier.masks)
     try:
-        if self.update_every is None: self._share = float(self.schedule(self.pos)); changed = sp.update(self._share)
-        elif self._due(): self._share = float(self.schedule(self.pos)); changed = sp.update(self._share, force=True)
+        if self.update_every is None: self._share = float(self.schedule(1. if last else self.pos)); changed = self._update(self._share)
+        elif self._due() or last: self._share = float(self.schedule(1. if last else self.pos)); changed = self._update(self._share, force=True)
         else: changed = False
     except FloatingPointError as e: # the engine names the layer; say when, too
         raise FloatingPointError(f"{e} (at optimizer step {self.step}, epoch {self.epoch}, batch {self.iter})") from e
     if changed: self._after_change(old); self._clean_all = False
+
+@patch
+def _update(self:SparsifyCallback, share:float, force:bool=False)->bool:
+    "The engine's `update`, atomic under interrupts: new masks are computed into copies, which replace the old ones once all are computed"
+    sp = self.sparsifier
+    masks, counts = sp.masks, sp.counts
+    sp.masks, sp.counts = dict(masks), dict(counts)
+    try: return sp.update(share, force=force)
+    except BaseException: # Ctrl-C, or non-finite scores
+        if sp.counts != counts: sp.apply() # stopped while applying the new masks, all computed: apply them all
+        else: sp.masks, sp.counts = masks, counts # stopped while computing them: the old masks, which the weights follow
+        raise
 
 @patch
 def _due(self:SparsifyCallback)->bool:
@@ -267,6 +437,32 @@ def _state_tensors(states, p):
     "The tensors of `p`'s optimizer state shaped like `p`"
     return [v for st in states if (s := st.get(p)) for v in s.values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
 
+def _masters(learn)->dict:
+    "`{id(model param): (its fp32 master copy, offset in it or None)}` under fastai's `NonNativeMixedPrecision`"
+    from fastai.callback.fp16 import NonNativeMixedPrecision
+    cb = first(learn.cbs, lambda c: isinstance(c, NonNativeMixedPrecision))
+    if getattr(cb, 'master_pgs', None) is None: return {} # none, or outside its fit
+    out = {}
+    for mps, ms in zip(cb.model_pgs, cb.master_pgs):
+        if not cb.flat_master: out.update({id(p): (m, None) for p, m in zip(mps, ms)}); continue
+        start = 0 # `flat_master`: one flat vector per parameter group
+        for p in mps: out[id(p)] = (ms[0], start); start += p.numel()
+    return out
+
+def _slow_weights(opt)->dict:
+    "`{id(param): its slow weight}` of fastai's `Lookahead` (`ranger`), once it has stepped"
+    slow = getattr(opt, 'slow_weights', None)
+    return {} if slow is None else {id(p): s for sg, pg in zip(slow, opt.param_lists) for p, s in zip(pg, sg)}
+
+def _mirrors(learn):
+    "`f(p, state=True)`: the tensors shaped like model parameter `p` that mirror it: optimizer state, fp32 master copy, slow weight"
+    states, masters, slow = _opt_states(learn.opt), _masters(learn), _slow_weights(learn.opt)
+    def f(p, state=True):
+        q, start = masters.get(id(p), (p, None)) # the tensor the optimizer steps: `p`, or its master copy
+        ts = ([q.data] if q is not p else []) + ([slow[id(q)]] if id(q) in slow else []) + (_state_tensors(states, q) if state else [])
+        return ts if start is None else [t.view(-1)[start:start + p.numel()].view(p.shape) for t in ts]
+    return f
+
 @torch.no_grad()
 def _mask_frozen_filter_grads(sp):
     "Mask the bias and BatchNorm gradients of pruned filters whose weight is frozen (the engine's `mask_grads` skips them)"
@@ -276,7 +472,7 @@ def _mask_frozen_filter_grads(sp):
         if m is None or l.module.weight.grad is not None: continue
         om = l.grouping.out_mask(m)
         for p in sp._out_params(l):
-            if p.grad is not None: p.grad.mul_(om.to(p.grad.device))
+            if p.grad is not None: mul_units(p.grad, om)
 
 def _n_kept(m):
     "Number of True entries of the bool mask `m` (numpy's count is several times faster on the CPU)"
@@ -301,14 +497,13 @@ def _zero_at(t, idx):
 @patch
 @torch.no_grad()
 def _clean_opt_state(self:SparsifyCallback, old:dict):
-    "Zero the optimizer state of the weights pruned since the masks `old` (and of pruned filters' bias and BatchNorm)"
-    sp, states = self.sparsifier, _opt_states(self.learn.opt)
-    if not states: return
+    "Zero the optimizer state, master copies and slow weights of the weights pruned since the masks `old` (and of pruned filters' bias and BatchNorm)"
+    sp, mirrors = self.sparsifier, _mirrors(self.learn)
     for l in sp.layers:
         m, o = sp.masks.get(l.name), old.get(l.name)
         if m is None or m is o: continue # the engine made no new mask for this layer
         w = l.module.weight
-        ts = _state_tensors(states, w)
+        ts = mirrors(w)
         if not ts: pass
         elif o is not None and m.numel() == o.numel() == w.numel() and all(t.is_contiguous() for t in ts): # a mask entry per weight
             new = _pruned_since(o, m) # only the newly pruned weights can have non-zero state
@@ -318,20 +513,49 @@ def _clean_opt_state(self:SparsifyCallback, old:dict):
         om = l.grouping.out_mask(m)
         if om is None: continue
         for p in sp._out_params(l):
-            for t in _state_tensors(states, p): t.mul_(om)
+            for t in mirrors(p): mul_units(t, om)
 
 @patch
 def _after_change(self:SparsifyCallback, old:dict):
     if self.lth and self.snapshot is not None: self._rewind()
     self._clean_opt_state(old)
-    self._achieved = _masked_fraction(self.sparsifier)
+    self._achieved = _achieved_now(self.sparsifier)
 
 # %% ../nbs/07_callback.ipynb #e81c7d84
 @patch
 def before_train(self:SparsifyCallback):
     self.step = self.starts[self.epoch]
-    if self.lth and self.epoch == self.rewind_epoch: self._take_snapshot()
+    if self.lth and not self._hold and self.epoch == self.rewind_epoch: self._take_snapshot()
     if self._hist is None: self._start_history()
+
+@patch
+def after_train(self:SparsifyCallback):
+    "After the last epoch's batches: reach the target if skipped batches (`CancelBatchException`) kept the last steps from it"
+    if self.epoch == self.n_epoch - 1 and not self._hold and not self._at_target(): self.prune_to_target()
+
+@patch
+def _at_target(self:SparsifyCallback)->bool:
+    "Whether the masks are where the schedule ends"
+    sp = self.sparsifier
+    return sp.counts == sp.group_counts(float(self.schedule(1.)))
+
+@patch
+def prune_to_target(self:SparsifyCallback):
+    "Prune at once to where the schedule ends, `sparsity * schedule(1)`: the line that finishes a fit stopped early"
+    sp = self.build()
+    old = {} if self._clean_all else dict(sp.masks)
+    self._share = float(self.schedule(1.))
+    if self._update(self._share): self._after_change(old); self._clean_all = False
+    return self
+
+@patch
+def after_cancel_fit(self:SparsifyCallback):
+    "A fit cancelled before its end says how far it pruned, and how to finish"
+    if self._hold or self._at_target(): return
+    warnings.warn(f"SparsifyCallback: the fit was cancelled in epoch {self.epoch} of {self.n_epoch} (optimizer step {self.step} "
+                  f"of {self.starts[-1]}), at {self.column} {self._measure():.4g} of the {self.sparsity * float(self.schedule(1.)):.4g} "
+                  "target. To prune to the target now: `learn.sparsify_to_target()` (then fine-tune briefly with the masks held, "
+                  "`SparsifyCallback(..., schedule=partial(one_shot, start=0.))`)")
 
 @patch
 def _start_history(self:SparsifyCallback):
@@ -347,28 +571,60 @@ def _start_history(self:SparsifyCallback):
 def after_fit(self:SparsifyCallback):
     self._drop_metric()
     self.snapshot = None
+    self._end_of_fit = self._measure() # a checkpoint `SaveModelCallback` loads now is compared with it
 
 # %% ../nbs/07_callback.ipynb #96f13452
 _fastai_fit = getattr(Learner.fit, '_fastai', Learner.fit)
+_fastai_fine_tune = getattr(Learner.fine_tune, '_fastai', Learner.fine_tune)
 
 def _is_sparsity_metric(m):
     "Whether metric `m` is the column of a `SparsifyCallback`"
     return isinstance(getattr(getattr(m, 'func', None), '__self__', None), SparsifyCallback)
 
+def _set_or_del(o, k, v):
+    if v is not None: setattr(o, k, v)
+    elif k in o.__dict__: delattr(o, k)
+
+def _unclaimed_sidecar(learn, mine, cbs):
+    "Warn that a state `learn.load` read goes to no callback, because the fit has no `SparsifyCallback`; and forget it"
+    side = getattr(learn, '_sparsity_sidecar', None)
+    if not side or mine or any(isinstance(c, LRFinder) for c in L(cbs)): return
+    warnings.warn(f"SparsifyCallback: the state `learn.load` read from {side['file']} (for {list(side['states'])}) is taken by "
+                  "no callback: this fit has no SparsifyCallback, so it trains without those masks. Pass one to the fit "
+                  "(`fit(..., cbs=SparsifyCallback(...))`) to resume pruning")
+    learn._sparsity_sidecar = None
+
 @patch
 def fit(self:Learner, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0):
     "Fit `self.model` for `n_epoch` using `cbs`; when the fit raises, no `SparsifyCallback` column stays in `self.metrics`"
+    mine = [c for c in list(L(cbs)) + list(self.cbs) if isinstance(c, SparsifyCallback)]
+    if mine: _check_not_meta(unwrap_model(self.model))
+    _unclaimed_sidecar(self, mine, cbs)
+    outer, n = getattr(self, '_sparsify_fit', None), getattr(self, '_fine_tune_fits', None)
+    if n is not None: self._fine_tune_fits = n + 1
+    self._sparsify_fit = dict(frozen=n == 0) # a training fit; the first of `fine_tune` is its frozen phase
     try: return _fastai_fit(self, n_epoch, lr=lr, wd=wd, cbs=cbs, reset_opt=reset_opt, start_epoch=start_epoch)
     except BaseException:
         if any(_is_sparsity_metric(m) for m in self.metrics): self.metrics = [m for m in self.metrics if not _is_sparsity_metric(m)]
         raise
+    finally:
+        _set_or_del(self, '_sparsify_fit', outer)
+        for cb in mine: cb._end_of_fit = None
 
-Learner.fit._fastai = _fastai_fit
+@patch
+@delegates(Learner.fit_one_cycle)
+def fine_tune(self:Learner, epochs, base_lr=2e-3, freeze_epochs=1, lr_mult=100, pct_start=0.3, div=5.0, **kwargs):
+    "Fine tune with `Learner.freeze` for `freeze_epochs`, then with `Learner.unfreeze` for `epochs`; a `SparsifyCallback` prunes in the second phase"
+    outer, self._fine_tune_fits = getattr(self, '_fine_tune_fits', None), 0
+    try: return _fastai_fine_tune(self, epochs, base_lr, freeze_epochs, lr_mult, pct_start, div, **kwargs)
+    finally: _set_or_del(self, '_fine_tune_fits', outer)
+
+Learner.fit._fastai, Learner.fine_tune._fastai = _fastai_fit, _fastai_fine_tune
 
 # %% ../nbs/07_callback.ipynb #623c1f6d
 @patch
 def report(self:SparsifyCallback)->pd.DataFrame:
-    "Per-layer sparsity measured from the weights, with an overall row"
+    "Per-layer sparsity, with an overall row"
     sp = self.build() if self.learn is not None else self.sparsifier
     if sp is None: raise ValueError("this SparsifyCallback has not pruned anything yet: fit with it, or attach it to a Learner")
     return sp.report()
@@ -389,12 +645,26 @@ def sparsity_report(self:Learner)->pd.DataFrame:
     return pd.concat([cb.report().assign(callback=cb.name) for cb in cbs], ignore_index=True)
 
 @patch
+def sparsify_to_target(self:Learner):
+    "Prune `self.model` at once to the target of every `SparsifyCallback` of `self`, or of its last fit (`prune_to_target`)"
+    cbs = _sparsify_cbs(self)
+    if not cbs: raise ValueError("this Learner has no SparsifyCallback, and none pruned its model in its last fit")
+    for cb in cbs:
+        with (contextlib.nullcontext() if cb.learn is self else self.added_cbs(cb)): cb.prune_to_target()
+    return self
+
+@patch
 def plot_sparsity(self:Recorder, ax=None, figsize=(6, 4)):
     "Plot the target and achieved sparsity of every training batch of the last fit"
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=figsize)
-    for k, v in getattr(self, 'sparsity', {}).items(): ax.plot(v, label=k, ls='--' if k.startswith('target') else '-')
-    ax.set_xlabel('training batch'); ax.set_ylabel('sparsity'); ax.legend(); ax.grid(alpha=0.3)
+    cols = {cb.name[len('sparsify'):]: cb.column for cb in getattr(self, 'sparsify_cbs', [])}
+    for k, v in getattr(self, 'sparsity', {}).items():
+        kind, sfx = ('target', k[6:]) if k.startswith('target') else ('achieved', k[8:])
+        ax.plot(v, label=f"{kind} {cols.get(sfx, 'sparsity' + sfx)}", ls='--' if kind == 'target' else '-')
+    units = {c.split(' ', 1)[1] for c in cols.values() if ' ' in c}
+    ax.set_xlabel('training batch'); ax.set_ylabel('sparsity' + (f' {units.pop()}' if len(units) == 1 and all(' ' in c for c in cols.values()) else ''))
+    ax.legend(); ax.grid(alpha=0.3)
     return ax
 
 # the history and the callbacks of the last fit are not pickled with the Learner (`learn.export`), like the recorder's losses:
@@ -412,21 +682,34 @@ def state_dict(self:SparsifyCallback)->dict:
 
 @patch
 def load_state_dict(self:SparsifyCallback, sd:dict):
-    "Restore what `state_dict` returned: now if the sparsifier is built on this model, else at the next fit"
-    if self.sparsifier is not None and self.learn is not None and self.sparsifier.model is unwrap_model(self.learn.model): self._restore(sd)
+    "Restore what `state_dict` returned: now if the sparsifier is built on this model (and its layers), else at the next fit"
+    if self._built_on_model_now(): self._restore(sd)
     else: self._pending = sd
     return self
+
+@patch
+def _built_on_model_now(self:SparsifyCallback)->bool:
+    "Whether the sparsifier is built on `learn.model` as it is now (the same layers: a new head waits for the rebuild)"
+    if self.sparsifier is None or self.learn is None or self.sparsifier.model is not (model := unwrap_model(self.learn.model)): return False
+    try: return _layout(model, self.include, self.exclude) == self._layout
+    except ValueError: return False
 
 @patch
 def _restore(self:SparsifyCallback, sd):
     self.sparsifier.load_state_dict(sd['sparsifier'])
     self.step = self._saved_step = sd['step']
+    self._saved_total = sd.get('total')
     self._clean_all = True
     if 'snapshot' in sd:
         dev = {l.name: l.weight.device for l in self.sparsifier.layers}
         self.snapshot = {k: v.to(dev[k]) for k, v in sd['snapshot'].items()}
     self._pending = None
-    self._achieved = _masked_fraction(self.sparsifier) # what the Recorder logs until the masks next change
+    self._achieved = _achieved_now(self.sparsifier) # what the Recorder logs until the masks next change
+    if self._end_of_fit is not None and (now := self._measure()) < self._end_of_fit - 1e-9:
+        warnings.warn(f"SparsifyCallback: a checkpoint loaded at the end of the fit (`SaveModelCallback` keeping its best epoch?) "
+                      f"has {self.column} {now:.4g}, below the {self._end_of_fit:.4g} the fit reached: the model is less sparse "
+                      "than the target. Keep the last epoch (`SaveModelCallback(at_end=True)`, or monitor only epochs at the target), "
+                      "or prune to the target now with `learn.sparsify_to_target()`")
 
 # %% ../nbs/07_callback.ipynb #87f7158f
 def sidecar(file)->Path:
@@ -437,18 +720,20 @@ def save_sparsity(learn:Learner, file):
     "Save the state of `learn`'s `SparsifyCallback`s beside the model `file` (or remove a stale one)"
     if rank_distrib() or not isinstance(file, (str, Path)): return
     states = {cb.name: sd for cb in _sparsify_cbs(learn) if (sd := cb.state_dict()) is not None}
+    side = getattr(learn, '_sparsity_sidecar', None)
+    if side and hasattr(learn, 'lr_finder'): states = {**side['states'], **states} # `lr_find`'s checkpoint keeps a loaded state for the next fit
     p = sidecar(file)
     if states: torch.save(states, p)
     elif p.exists(): p.unlink()
 
 def load_sparsity(learn:Learner, file):
-    "Load the state saved beside the model `file` into `learn`'s `SparsifyCallback`s"
+    "Load the state saved beside the model `file` into `learn`'s `SparsifyCallback`s; what none takes waits for the next fit's"
+    old, learn._sparsity_sidecar = getattr(learn, '_sparsity_sidecar', None), None # a new model: an earlier state no longer applies
     if not isinstance(file, (str, Path)) or not sidecar(file).exists(): return
-    cbs = learn._grab_cbs(SparsifyCallback)
-    if not cbs: return
     states = torch.load(sidecar(file), map_location='cpu', weights_only=True)
-    for cb in cbs:
-        if cb.name in states: cb.load_state_dict(states[cb.name])
+    for cb in learn._grab_cbs(SparsifyCallback):
+        if cb.name in states: cb.load_state_dict(states.pop(cb.name))
+    if states: learn._sparsity_sidecar = dict(file=old['file'] if old and hasattr(learn, 'lr_finder') else str(sidecar(file)), states=states)
 
 # %% ../nbs/07_callback.ipynb #0b2d2f67
 _fastai_save = getattr(Learner.save, '_fastai', Learner.save)
@@ -475,7 +760,7 @@ Learner.save._fastai, Learner.load._fastai = _fastai_save, _fastai_load
 # %% ../nbs/07_callback.ipynb #91e37e2f
 @patch
 def __getstate__(self:SparsifyCallback):
-    d = {k: v for k, v in self.__dict__.items() if k not in ('sparsifier', 'snapshot', '_hist', '_state')}
+    d = {k: v for k, v in self.__dict__.items() if k not in ('sparsifier', 'snapshot', '_hist', '_state', '_layout', '_xb')}
     if self.sparsifier is not None: d['_pending'] = self.state_dict()
     return d
 
@@ -489,3 +774,6 @@ def _take_snapshot(self:SparsifyCallback):
 def _rewind(self:SparsifyCallback):
     for l in self.sparsifier.layers: l.weight.copy_(self.snapshot[l.name])
     self.sparsifier.apply()
+    mirrors = _mirrors(self.learn) # the master copy and the slow weight rewind too, or the next step (sync) undoes it
+    for l in self.sparsifier.layers:
+        for t in mirrors(l.weight, state=False): t.copy_(l.weight)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn, fx
 from fastcore.basics import patch
 from fastai.learner import Learner
-from .graph import passthrough_modules, passthrough_functions, passthrough_methods, bn_types
+from .graph import passthrough_modules, passthrough_functions, passthrough_methods, batchnorm_types
 from .sparsifier import Sparsifier, unwrap_model
 
 # %% ../nbs/10_compact.ipynb #11b8933a
@@ -64,7 +64,7 @@ class ChannelFlow:
             if node.op == 'call_module':
                 m, name = self.modules[node.target], node.target
                 if isinstance(m, _layers): res = self._layer(name, m, x)
-                elif isinstance(m, bn_types + passthrough_modules):
+                elif isinstance(m, batchnorm_types + passthrough_modules):
                     res = x
                     if isinstance(m, _pool_modules) and _is_one(m.output_size): pooled.add(node)
                 elif isinstance(m, nn.Flatten) and node.args[0] in pooled: res = x
@@ -192,29 +192,83 @@ def _output_nodes(DG):
         if not isinstance(n.module, _layers): todo += n.inputs
     return seen
 
-def _dead_channels(DG, tp, group, reach_out):
+def _node_name(DG, m):
+    "`m`'s name in the model, or the operation Torch-Pruning traced"
+    name = getattr(DG, '_module2name', {}).get(m)
+    return f"`{name}`" if name else getattr(m, '_grad_fn', None) or type(m).__name__
+
+def _dead_channels(DG, tp, group, reach_out,
+                   why:dict=None, # when given: layer -> why some of its zero filters or unread inputs stay
+                  ):
     "Root indices of Torch-Pruning `group` whose channel is unused or zero; None for a group not to touch"
     C = len(group[0].idxs)
     writes_zero, unread = torch.ones(C, dtype=torch.bool), torch.ones(C, dtype=torch.bool)
-    n_readers, zero_kept = 0, True
+    n_readers, stop, changes_zero, kept_one = 0, '', [], False # why the group is left whole; operations that turn a zero into non-zero
+    writers, readers = [], [] # (member, root indices where it is zero, where it is not)
     for it in group.items:
         m, is_out = it.dep.target.module, DG.is_out_channel_pruning_fn(it.dep.handler)
         node = DG.module2node.get(m)
         idxs, roots = torch.tensor(it.idxs, dtype=torch.long), torch.tensor(it.root_idxs, dtype=torch.long)
-        if node in reach_out and (is_out or not isinstance(m, _layers)): return None # the model's output channels
+        if node in reach_out and (is_out or not isinstance(m, _layers)): stop = stop or "its channels are the model's outputs"
         if isinstance(m, _layers):
-            if is_out: writes_zero[roots[~_out_zero(m)[idxs]]] = False
-            else: n_readers += 1; unread[roots[~_in_zero(m)[idxs]]] = False
-        elif isinstance(m, bn_types): writes_zero[roots[~_bn_zero(m)[idxs]]] = False
+            z = _out_zero(m)[idxs] if is_out else _in_zero(m)[idxs]
+            (writers if is_out else readers).append((m, roots[z], roots[~z]))
+            if is_out: writes_zero[roots[~z]] = False
+            else: n_readers += 1; unread[roots[~z]] = False
+        elif isinstance(m, batchnorm_types):
+            z = _bn_zero(m)[idxs]
+            writers.append((m, roots[z], roots[~z]))
+            writes_zero[roots[~z]] = False
         elif isinstance(m, tp.ops._ElementWiseOp):
             op = m._grad_fn # `x + 1` keeps no zero; it has one traced input where `x + y` has two
-            if not _zero_safe.fullmatch(op) or (op.startswith(('Add', 'Sub')) and len(node.inputs) < 2): zero_kept = False
-        elif not isinstance(m, (tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._ReshapeOp)): return None
-    dead = unread if n_readers else torch.zeros(C, dtype=torch.bool)
-    return dead | writes_zero if zero_kept else dead
+            if not _zero_safe.fullmatch(op) or (op.startswith(('Add', 'Sub')) and len(node.inputs) < 2): changes_zero.append(op)
+        elif not isinstance(m, (tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._ReshapeOp)):
+            stop = stop or f"its channels go through {_node_name(DG, m)}, which `compact` cannot see through"
+    if stop: dead = None
+    else:
+        dead = unread if n_readers else torch.zeros(C, dtype=torch.bool)
+        if not changes_zero: dead = dead | writes_zero
+        if kept_one := bool(dead.all()): dead[0] = False # a layer with no channel would not run
+    if why is not None:
+        for members, side in ((writers, 'write'), (readers, 'read')):
+            for m, zero, _ in members:
+                if not isinstance(m, _layers): continue
+                left = zero if dead is None else zero[~dead[zero]]
+                if not len(left): continue
+                if stop: why[m] = stop
+                elif kept_one and left.tolist() == [0]: why[m] = "all its channels are zero: one stays so that the layer still runs"
+                elif side == 'write' and changes_zero: why[m] = f"an operation on them ({', '.join(sorted(set(changes_zero)))}) is not known to keep zeros"
+                else: why[m] = _tied(DG, m, left, members, side)
+    return dead
+
+def _tied(DG, m, left, members, side):
+    "Why the zero channels `left` of layer `m` stay: the other members that `side` ('write' or 'read') them, not as zeros"
+    norms, layers = [], []
+    for o, _, nz in members:
+        if o is m or not torch.isin(nz, left).any(): continue
+        if isinstance(o, batchnorm_types): # a norm right after another writer stands for that writer
+            p = next((n.module for n in DG.module2node[o].inputs if isinstance(n.module, _layers)), None)
+            if p is None or p is m: norms.append(_node_name(DG, o))
+            else: layers.append(_node_name(DG, p))
+        else: layers.append(_node_name(DG, o))
+    layers, out = list(dict.fromkeys(layers)), []
+    if norms: out.append(f"the normalisation {', '.join(norms)} after it gives them a non-zero output (a non-zero shift)")
+    if layers: out.append(f"{', '.join(layers)} also {side}{'s' if len(layers) == 1 else ''} these channels, not as zeros: "
+                          "prune the layers together (`links=coupled`)")
+    return '; and '.join(out) or "they are tied to channels that stay"
 
 # %% ../nbs/10_compact.ipynb #d1c40c6c
-def _as_tuple(x): return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+def _plain(o):
+    "`o` with every tensor in it a plain `torch.Tensor` (fastai's `TensorImage`... traced as they are, confuse Torch-Pruning)"
+    if isinstance(o, torch.Tensor): return o if type(o) in (torch.Tensor, nn.Parameter) else o.as_subclass(torch.Tensor)
+    if isinstance(o, dict): return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return tuple(_plain(v) for v in o)
+    return o
+
+def _inputs(x):
+    "A batch as the model's inputs: a dict of keyword inputs, or a tuple of positional ones, with plain tensors"
+    x = _plain(x)
+    return x if isinstance(x, (dict, tuple)) else (x,)
 
 def _tensors(o):
     if isinstance(o, torch.Tensor): return [o]
@@ -225,41 +279,57 @@ def _tensors(o):
 def _outputs(model, xs):
     "The model's output tensors in eval mode, leaving its mode as it was"
     was = model.training
-    try: return _tensors(model.eval()(*xs))
+    try: return _tensors(model.eval()(**xs) if isinstance(xs, dict) else model.eval()(*xs))
     finally: model.train(was)
 
+def _kept_warning(notes):
+    "One warning naming each layer whose zero channels stay, and why"
+    if not notes: return
+    items = [f"`{n}`: {w}" for n, w in notes.items()]
+    more = f"; and {len(items) - 8} more" if len(items) > 8 else ""
+    warnings.warn(f"`compact` could not remove the zero channels of {len(items)} layer(s) ({'; '.join(items[:8])}{more}); "
+                  "`compact_notes` on the compact model and `compact_report` list them", stacklevel=3)
+
 def compact(model:nn.Module, # a model whose pruned weights are zero (a `Sparsifier` applied)
-            example_inputs, # a batch (a tensor, or a tuple of the model's inputs) to trace and to check with
+            example_inputs, # a batch to trace and check with: a tensor, a tuple of the model's inputs, or a dict of keyword inputs
             keep:list=None, # layers (names or modules) whose output channels must all stay
             check:bool=True, # compare the compact model with `model` on `example_inputs`
             atol:float=1e-4, # the largest absolute difference `check` accepts
            )->nn.Module:
-    "A physically smaller copy of `model` with its unused and zero channels removed"
+    "A physically smaller copy of `model` with its unused and zero channels removed; `.compact_notes` says why some stay"
     tp = _require_tp()
-    model, xs = unwrap_model(model), _as_tuple(example_inputs)
+    model, xs = unwrap_model(model), _inputs(example_inputs)
     new, was = copy.deepcopy(model), model.training
     by_name, twin = dict(new.named_modules()), dict(zip(model.modules(), new.modules()))
     keep = [by_name[k] if isinstance(k, str) else twin[k] for k in (keep or [])]
     new.eval()
     with torch.enable_grad(): DG = tp.DependencyGraph().build_dependency(new, example_inputs=xs, verbose=False)
-    reach_out = _output_nodes(DG)
+    reach_out, why = _output_nodes(DG), {}
     for group in DG.get_all_groups(ignored_layers=keep, root_module_types=_layers):
-        dead = _dead_channels(DG, tp, group, reach_out)
+        dead = _dead_channels(DG, tp, group, reach_out, why=why)
         if dead is None or not dead.any(): continue
-        if dead.all(): dead[0] = False # a layer with no channel would not run
         DG.get_pruning_group(group[0].dep.target.module, group[0].dep.handler, dead.nonzero().flatten().tolist()).prune()
     new.train(was)
+    new.compact_notes = {n: why[m] for n, m in new.named_modules() if m in why} # layer name -> why its zero channels stay
     if check:
         ref, out = _outputs(model, xs), _outputs(new, xs)
         diff = max(((a - b).abs().max().item() if a.shape == b.shape else math.inf for a, b in zip(ref, out)), default=0)
         if len(ref) != len(out) or diff > atol:
             raise RuntimeError(f"the compact model differs from `model` on `example_inputs` by up to {diff:.3g} "
                                f"(> atol={atol}); please report the model")
+    _kept_warning(new.compact_notes)
     return new
 
 # %% ../nbs/10_compact.ipynb #a9b5d68b
 def _sparsifiers(learn):
     return [v for cb in learn.cbs for v in vars(cb).values() if isinstance(v, Sparsifier)]
+
+def _first(o, n=2):
+    "The first `n` samples of every tensor in a batch (tensors, tuples, lists, dicts)"
+    if isinstance(o, torch.Tensor): return o[:n]
+    if isinstance(o, dict): return {k: _first(v, n) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return tuple(_first(v, n) for v in o)
+    return o
 
 @patch
 def compact(self:Learner,
@@ -270,7 +340,7 @@ def compact(self:Learner,
     for sp in _sparsifiers(self): sp.apply()
     if example_inputs is None:
         b = self.dls.valid.one_batch() if len(self.dls.valid) else self.dls.train.one_batch()
-        example_inputs = tuple(t[:2] for t in b[:self.dls.n_inp])
+        example_inputs = _first(tuple(b[:self.dls.n_inp]))
     return compact(self.model, example_inputs, **kwargs)
 
 # %% ../nbs/10_compact.ipynb #2d0d36d9
@@ -303,7 +373,7 @@ def load_compact(model:nn.Module, # a freshly built model of the architecture th
             elif isinstance(m, _convTs): m.in_channels, m.out_channels = a, b
             else: m.out_channels, m.in_channels = a, b
         elif isinstance(m, nn.Linear) and w is not None: m.out_features, m.in_features = w.shape
-        elif isinstance(m, bn_types) and (t := own.get(pre + 'running_mean', own.get(pre + 'weight'))) is not None:
+        elif isinstance(m, batchnorm_types) and (t := own.get(pre + 'running_mean', own.get(pre + 'weight'))) is not None:
             m.num_features = t.shape[0]
         for k, v in own.items():
             key = k[len(pre):]
@@ -395,11 +465,11 @@ def to_semi_structured(model:nn.Module, # a model on a CUDA device, in `dtype`
 
 # %% ../nbs/10_compact.ipynb #8af0e362
 def count_macs(model:nn.Module, # the model
-               example_inputs, # a batch (a tensor, or a tuple of the model's inputs); counts are per sample
+               example_inputs, # a batch (a tensor, a tuple of the model's inputs, or a dict of keyword inputs); counts are per sample
               )->dict: # layer name -> multiply-accumulates per sample
     "Multiply-accumulates per sample of each Conv, Linear and BatchNorm layer, from one forward pass"
-    xs = _as_tuple(example_inputs)
-    n, out, hooks = xs[0].shape[0], {}, []
+    xs = _inputs(example_inputs)
+    n, out, hooks = _tensors(xs)[0].shape[0], {}, []
     def hook(name, m, inp, o):
         if isinstance(m, _convs): macs = o.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
         elif isinstance(m, _convTs): macs = inp[0].numel() * (m.out_channels // m.groups) * math.prod(m.kernel_size)
@@ -407,15 +477,16 @@ def count_macs(model:nn.Module, # the model
         else: macs = o.numel()
         out[name] = out.get(name, 0) + macs // n
     for name, m in model.named_modules():
-        if isinstance(m, _layers + bn_types): hooks.append(m.register_forward_hook(lambda m, i, o, name=name: hook(name, m, i, o)))
+        if isinstance(m, _layers + batchnorm_types): hooks.append(m.register_forward_hook(lambda m, i, o, name=name: hook(name, m, i, o)))
     try: _outputs(model, xs)
     finally:
         for h in hooks: h.remove()
     return out
 
 # %% ../nbs/10_compact.ipynb #9d565a6e
-def _how(m, pattern, before, after, dtype):
-    if after < before: return True, 'smaller dense layer'
+def _how(m, pattern, before, after, dtype, note=''):
+    if after < before: return True, 'smaller dense layer' + (f"; some zero channels stay: {note}" if note else '')
+    if note: return False, f"zero channels stay: {note}"
     if pattern in ('filter', 'channel', 'filter+channel'): return False, 'channels tied to a dense layer or the outputs: kept'
     if pattern == '2:4':
         why = _semi_reason(m, dtype)
@@ -428,17 +499,17 @@ def compact_report(model:nn.Module, # the pruned (masked) model
                    example_inputs=None, # a batch, to count multiply-accumulates
                    dtype=torch.float16, # the dtype 2:4 eligibility is judged for
                   )->pd.DataFrame:
-    "Per layer: pattern, parameters and MACs before and after compaction, and whether it can be accelerated"
+    "Per layer: pattern, parameters and MACs before and after compaction, and whether it can be accelerated (or why not)"
     small = model if small is None else small
     macs = count_macs(model, example_inputs) if example_inputs is not None else {}
     macs_after = count_macs(small, example_inputs) if example_inputs is not None else {}
-    after_mods, rows = dict(small.named_modules()), []
+    after_mods, notes, rows = dict(small.named_modules()), getattr(small, 'compact_notes', {}), []
     for name, m in model.named_modules():
-        if not isinstance(m, _layers + bn_types): continue
+        if not isinstance(m, _layers + batchnorm_types): continue
         pat = weight_pattern(m) if isinstance(m, _layers) else ''
         p0 = sum(p.numel() for p in m.parameters(recurse=False))
         p1 = sum(p.numel() for p in after_mods[name].parameters(recurse=False)) if name in after_mods else 0
-        acc, how = _how(m, pat, p0, p1, dtype)
+        acc, how = _how(m, pat, p0, p1, dtype, notes.get(name, ''))
         rows.append(dict(name=name, type=type(m).__name__, pattern=pat, params=p0, params_after=p1,
                          macs=macs.get(name), macs_after=macs_after.get(name), accelerable=acc, how=how))
     df = pd.DataFrame(rows)

@@ -53,6 +53,13 @@ class Criterion:
         "Update `state` after a backward pass (only called when `needs_grad`)"
         pass
 
+    def ready(self,
+              layer:Layer, # the layer about to be ranked
+              state:dict|None, # its state
+             )->bool:
+        "Whether `score` can rank `layer` yet: False for a gradient criterion until `layer` has seen a gradient"
+        return not self.needs_grad or not state or 'grads' not in state or bool(state['grads'] > 0)
+
     def normalize(self,
                   scores:list, # one tensor of group scores per layer
                   scope:str, # 'local' (ranked per layer) or 'global' (one ranking across layers)
@@ -86,13 +93,20 @@ class RandomCriterion(Criterion):
 random = RandomCriterion(0)
 
 # %% ../nbs/03_criteria.ipynb #8bdb3b2e
+def _grad_state(layer):
+    "A gradient criterion's state: its scores, and how many gradients it has accumulated (float32, like the scores)"
+    w = layer.weight
+    return {'score': torch.zeros_like(w, dtype=torch.float32), 'grads': torch.zeros((), dtype=torch.float32, device=w.device)}
+
 class Movement(Criterion):
     "Movement pruning (Sanh et al. 2020): scores accumulate -grad*W after every backward pass"
     needs_grad = True
-    def init_state(self, layer): return {'score': torch.zeros_like(layer.weight, dtype=torch.float32)}
+    def init_state(self, layer): return _grad_state(layer)
     def accumulate(self, layer, state):
         w = layer.weight
-        if w.grad is not None: state['score'].sub_((w.grad.detach() * w.detach()).float())
+        if w.grad is None: return
+        state['score'].sub_((w.grad.detach() * w.detach()).float())
+        state['grads'].add_(1)
     def score(self, layer, state): return state['score']
     def __repr__(self): return 'movement'
 
@@ -102,10 +116,12 @@ movement = Movement()
 class Taylor(Criterion):
     "First-order Taylor importance, accumulated: sum over steps of |W*grad|"
     needs_grad = True
-    def init_state(self, layer): return {'score': torch.zeros_like(layer.weight, dtype=torch.float32)}
+    def init_state(self, layer): return _grad_state(layer)
     def accumulate(self, layer, state):
         w = layer.weight
-        if w.grad is not None: state['score'].add_((w.grad.detach() * w.detach()).abs_().float())
+        if w.grad is None: return
+        state['score'].add_((w.grad.detach() * w.detach()).abs_().float())
+        state['grads'].add_(1)
     def score(self, layer, state): return state['score']
     def __repr__(self): return 'taylor'
 

@@ -118,15 +118,25 @@ class LookaheadCriterion(Criterion):
         "The neighbours of `layer` this criterion looks at: the traced graph's (`mode='graph'`) or the registration order's"
         g = layer.graph
         if g is None: raise ValueError(f"{self!r} needs the model's graph: use `Layer(..., graph=ModelGraph(model))` or a `Sparsifier`")
-        if self.mode == 'graph' and g.mode != 'fx':
-            warnings.warn(f"{self!r}: {g.reason}; using chain mode (Linear/Conv layers in registration order, "
-                          "skip connections ignored)", stacklevel=3)
-        uses = g.uses(layer.name, self.mode)
-        if not uses:
-            warnings.warn(f"{self!r}: layer `{layer.name}` is not called in the traced graph (is it inside a module fx "
-                          "does not enter?); it is scored by magnitude", stacklevel=3)
-            uses = [([ChannelLink()], [ChannelLink()])]
-        return uses
+        if self.mode == 'graph' and 'lookahead' not in g._warned: self._explain(g)
+        return g.uses(layer.name, self.mode) or [([ChannelLink()], [ChannelLink()])] # never called: magnitude
+
+    def _explain(self, g):
+        "One warning per graph: where graph mode found the neighbours when the root's fx graph was not enough"
+        g._warned.add('lookahead')
+        src = g.neighbour_sources()
+        if all(s == 'fx' for s in src.values()): return
+        n = lambda *ks: sum(s in ks for s in src.values())
+        missing = [k for k, s in src.items() if s is None]
+        why = g.reason or g.channel_error or "some layers are inside modules that fx calls as a whole"
+        msg = (f"{self!r}: {why}. Neighbours of the {len(src)} Linear/Conv layers: {n('fx')} from the traced graph, "
+               f"{n('fx block', 'fx block + hooks', 'fx block + chain')} from blocks fx could trace (across their edges: "
+               f"{n('fx block + hooks')} from hooks, {n('fx block + chain')} in chain mode), {n('hooks')} from hooks on the sample "
+               f"batch, {n('chain')} in chain mode (registration order, skip connections ignored)")
+        if missing: msg += (f"; {len(missing)} not called in the traced graph or the sample batch are scored by magnitude: "
+                            f"{', '.join(f'`{k}`' for k in missing[:5])}{', ...' if len(missing) > 5 else ''}")
+        if g.mode == 'fx' and g.sample_input is None and missing: msg += " (a `sample_input` lets hooks find their neighbours)"
+        warnings.warn(msg, stacklevel=4)
 
     def score(self, layer, state=None):
         w, out = layer.weight.detach(), None

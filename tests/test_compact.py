@@ -108,7 +108,7 @@ def test_depthwise_linked_to_its_producer():
     assert ['blocks.0.expand.0', 'blocks.0.dw.0'] in sets and ['stem.0', 'blocks.0.project.0'] in sets and not tangled
 
 def test_links_errors_and_warnings():
-    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 2)) # '4', the output layer, may stay dense
     with pytest.raises(ValueError, match='need as many groups'): Sparsifier(mlp, 0.5, 'filter', links=[['0', '2']])
     with pytest.raises(ValueError, match="'9' is not a pruned layer"): Sparsifier(mlp, 0.5, 'filter', links=[['0', '9']])
     with pytest.raises(ValueError, match="links 'filter' or 'channel'"): Sparsifier(mlp, 0.5, 'weight', links=coupled)
@@ -122,7 +122,7 @@ def test_concat_then_add_is_reported_tangled():
             self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(3, 8, 1)
         def forward(self, x): return torch.cat([self.a(x), self.b(x)], 1) + self.c(x)
     with pytest.warns(UserWarning, match='share channels at different positions'):
-        sp = Sparsifier(Cat(), 0.5, 'filter', links=coupled)
+        sp = Sparsifier(Cat(), 0.5, 'filter', include=['a', 'b', 'c'], links=coupled) # named: output layers pruned too
     assert all(len(u) == 1 for u in sp.units)
 
 
@@ -170,7 +170,7 @@ def test_compact_keep_and_dense_model(x):
 def test_compact_check_catches_a_wrong_removal(x, monkeypatch):
     import fasterprune.compact as C
     model = with_stats(vgg_bn())
-    monkeypatch.setattr(C, '_dead_channels', lambda DG, tp, group, reach: torch.arange(len(group[0].idxs)) % 2 == 0)
+    monkeypatch.setattr(C, '_dead_channels', lambda DG, tp, group, reach, why=None: torch.arange(len(group[0].idxs)) % 2 == 0)
     with pytest.raises(RuntimeError, match='differs from `model`'): compact(model, x[:2])
 
 def test_missing_torch_pruning_message(monkeypatch, x):
@@ -279,3 +279,87 @@ def test_to_semi_structured_on_gpu():
     rep = to_semi_structured(mlp)
     assert rep.converted.tolist() == [True, False]
     with torch.no_grad(): assert (mlp(xin) - ref).abs().max().item() <= 1e-2
+
+
+# --- fastai learners and batches (issue 12): `TensorImage`, tuples, dicts; the parameter count falls; why a layer stays
+
+def _image_dls(seg=False, n=8, size=32):
+    "Tiny fastai DataLoaders of `TensorImage` batches (labels: classes, or masks for segmentation)"
+    from fastai.data.core import Datasets
+    from fastai.torch_core import TensorImage, TensorCategory, TensorMask
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.rand(n, 3, size, size, generator=g), torch.randint(0, 10, (n, size, size) if seg else (n,), generator=g)
+    tfms = [[lambda i: TensorImage(xs[i])], [lambda i: TensorMask(ys[i]) if seg else TensorCategory(ys[i])]]
+    return Datasets(range(n), tfms, splits=[range(4), range(4, n)]).dataloaders(bs=4)
+
+def _learner(kind):
+    from fastai.vision.learner import vision_learner, unet_learner
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fasterprune.demo import small_cnn
+    torch.manual_seed(0)
+    if kind == 'vision': return vision_learner(_image_dls(), torchvision.models.resnet18, pretrained=False, n_out=10,
+                                               loss_func=CrossEntropyLossFlat())
+    if kind == 'unet': return unet_learner(_image_dls(seg=True), torchvision.models.resnet18, pretrained=False, n_out=10,
+                                           loss_func=CrossEntropyLossFlat(axis=1))
+    return Learner(_image_dls(), small_cnn(c_in=3), loss_func=CrossEntropyLossFlat())
+
+@pytest.mark.parametrize('kind', ['vision', 'unet', 'plain'])
+def test_learner_compact_on_fastai_batches(kind):
+    "A `TensorImage` batch traces like a plain tensor: the model shrinks after 'filter' pruning, its outputs unchanged"
+    from fastai.torch_core import TensorImage
+    learn = _learner(kind)
+    xb = learn.dls.valid.one_batch()[0]
+    assert isinstance(xb, TensorImage)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        Sparsifier(learn.model, 0.5, 'filter', sample_input=xb[:2].as_subclass(torch.Tensor)).prune()
+        small = learn.compact() # the default example batch: two samples of a validation batch, a `TensorImage`
+    assert n_params(small) < 0.9 * n_params(learn.model)
+    with torch.no_grad():
+        x = xb.as_subclass(torch.Tensor)
+        ref, out = learn.model.eval()(x), small.eval()(x)
+    assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-4 # every output (class) is still there
+
+class _DictNet(nn.Module):
+    "A model reading a dict of tensors, as a fastai batch `(dict,)` or Hugging Face keyword inputs give it"
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 16), nn.Linear(4, 16), nn.Linear(16, 3)
+    def forward(self, d=None, **kw):
+        d = d if d is not None else kw
+        return self.head(torch.relu(self.a(d['x']) + self.b(d['y'])))
+
+def test_compact_dicts_and_tuples():
+    "Inputs given as a dict (keyword inputs), a tuple holding a dict (a fastai `xb`), or a `Learner`'s dict batches"
+    from fastai.learner import Learner
+    from fastai.data.core import DataLoaders
+    from fastai.losses import CrossEntropyLossFlat
+    g = torch.Generator().manual_seed(0)
+    batch = {'x': torch.randn(4, 6, generator=g), 'y': torch.randn(4, 4, generator=g)}
+    net = _DictNet()
+    Sparsifier(net, 0.5, 'filter', include=['a', 'b'], links=[['a', 'b']]).prune()
+    for inputs in (batch, (batch,)):
+        small = compact(net, inputs)
+        assert (small.a.out_features, small.head.in_features, small.head.out_features) == (8, 8, 3)
+    ds = [({'x': batch['x'][i], 'y': batch['y'][i]}, torch.tensor(i % 3)) for i in range(4)]
+    learn = Learner(DataLoaders.from_dsets(ds, ds, bs=4), net, loss_func=CrossEntropyLossFlat())
+    assert learn.compact().a.out_features == 8
+
+def test_compact_says_why_channels_stay(x):
+    "Zero channels that cannot go are named with the reason: once in a warning, in `compact_notes` and in `compact_report`"
+    rn = with_stats(resnet18())
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        Sparsifier(rn, 0.5, 'filter', include=['conv1', 'layer1.*', 'fc']).prune() # no links; the classifier named: its rows pruned
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        small = compact(rn, x[:2])
+    msgs = [str(w.message) for w in caught if '`compact`' in str(w.message)]
+    assert len(msgs) == 1 and '`conv1`' in msgs[0]
+    notes = small.compact_notes
+    assert 'links=coupled' in notes['conv1'] and '`layer1.0.conv2`' in notes['conv1']
+    assert "model's outputs" in notes['fc'] and small.fc.out_features == 10
+    assert 'layer1.0.conv1' not in notes and small.layer1[0].conv1.out_channels == 32 # it shrank: nothing to explain
+    rep = compact_report(rn, small).set_index('name')
+    assert 'links=coupled' in rep.loc['conv1', 'how'] and "model's outputs" in rep.loc['fc', 'how']

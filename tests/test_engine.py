@@ -304,7 +304,8 @@ def configs(draw):
 
 def make(cfg, model=None):
     model = model if model is not None else build_model(cfg['specs'], cfg['seed'], cfg['ties'])
-    sp = Sparsifier(model, cfg['sparsity'], cfg['granularity'], cfg['criterion'], cfg['scope'], reduce=cfg['reduce'])
+    sp = Sparsifier(model, cfg['sparsity'], cfg['granularity'], cfg['criterion'], cfg['scope'], reduce=cfg['reduce'],
+                    include='*')  # every layer, the model's ends included (the default selection protects them)
     if sp.criterion.needs_grad: fake_backward(sp, cfg['seed'])
     return model, sp
 
@@ -358,7 +359,7 @@ def test_lazy_scores_path_gives_the_same_masks(cfg):
 def test_global_with_layer_sparsity(specs, seed, s, own, gran):
     "A layer with its own target is pruned locally to it; the others share the global ranking"
     model = build_model(specs, seed)
-    sp = Sparsifier(model, s, gran, scope='global', layer_sparsity={'0': own}).prune()
+    sp = Sparsifier(model, s, gran, scope='global', layer_sparsity={'0': own}, include='*').prune()
     first, rest = sp.layers[0], sp.layers[1:]
     assert pruned_groups(first, sp.masks['0']) in local_oracle(own, first.grouping.n_groups)
     N, L = sum(l.grouping.n_groups for l in rest), len(rest)
@@ -414,7 +415,7 @@ def test_filter_and_channel_mean_what_they_say(spec, seed, s, act, gran, scope):
     nn.init.normal_(bn.weight); nn.init.normal_(bn.bias)
     with torch.no_grad(): bn.running_mean.normal_(); bn.running_var.uniform_(0.5, 2)
     model = nn.Sequential(m, *([nn.ReLU()] if act else []), bn).eval()
-    sp = Sparsifier(model, s, gran, scope=scope).prune()
+    sp = Sparsifier(model, s, gran, scope=scope, include='0').prune()  # named: the model's output and input layer
     keep = sp.masks['0'].reshape(-1)
     assert keep.numel() == (bn.num_features if gran == 'filter' else (m.in_features if isinstance(m, nn.Linear) else m.in_channels))
     assert int((~keep).sum()) in local_oracle(s, keep.numel())  # one layer: local and global agree
@@ -445,10 +446,11 @@ def test_report():
     model = build_model([('linear', 8, 6, True), ('conv', 2, 6, 4, (3, 3), 1, False)], 0)
     sp = Sparsifier(model, 0.5, 'weight', scope='global').prune()
     df = sp.report()
-    assert list(df.columns) == ['name', 'type', 'shape', 'params', 'zeros', 'sparsity', 'granularity']
-    assert df.name.tolist() == ['0', '1', 'total'] and df.type.tolist()[:2] == ['Linear', 'Conv2d']
-    assert df.params.tolist() == [48, 216, 264] and df.zeros.iloc[-1] == round(0.5 * 264) == 132
-    assert df.sparsity.iloc[-1] == pytest.approx(0.5) and sp.sparsity_achieved() == pytest.approx(0.5)
+    assert list(df.columns) == ['name', 'type', 'shape', 'params', 'groups', 'pruned', 'sparsity', 'weight_sparsity',
+                                'zeros', 'granularity', 'note']
+    assert df.name.tolist() == ['0', '1', 'total', 'model'] and df.type.tolist()[:2] == ['Linear', 'Conv2d']
+    assert df.params.tolist() == [48, 216, 264, 264 + 6] and df.zeros.iloc[2] == df.pruned.iloc[2] == round(0.5 * 264) == 132
+    assert df.sparsity.iloc[2] == pytest.approx(0.5) and sp.sparsity_achieved() == pytest.approx(0.5)
 
 
 def test_nm_on_grouped_transposed_conv_checks_input_per_group():
@@ -477,8 +479,8 @@ def test_parametrized_layer_is_pruned_or_refused():
 def test_local_count_is_round_s_n():
     "5 filters of 9 weights at s=0.7: round(0.7*5) = round(3.5) = 4, which global scope gives, but local gives 3"
     model = nn.Sequential(nn.Conv2d(1, 5, 3))
-    assert Sparsifier(model, 0.7, 'filter', scope='global').group_counts() == {'*': round(0.7 * 5)}
-    assert Sparsifier(model, 0.7, 'filter', scope='local').group_counts() == {'0': round(0.7 * 5)}
+    assert Sparsifier(model, 0.7, 'filter', scope='global', include='0').group_counts() == {'*': round(0.7 * 5)}
+    assert Sparsifier(model, 0.7, 'filter', scope='local', include='0').group_counts() == {'0': round(0.7 * 5)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -513,7 +515,7 @@ def test_local_filter_l2_matches_ln_structured(spec, seed, s):
     assume(len(local_oracle(s, n)) == 1)
     ref = copy.deepcopy(m)
     prune.ln_structured(ref, 'weight', amount=k, n=2, dim=dim)
-    sp = Sparsifier(model, s, 'filter', 'large_final', 'local', reduce='l2').prune()
+    sp = Sparsifier(model, s, 'filter', 'large_final', 'local', reduce='l2', include='0').prune()
     want = ref.weight_mask.transpose(0, dim).flatten(1).all(1)
     assert torch.equal(sp.masks['0'].reshape(-1), want)
     assert torch.equal(m.weight, ref.weight)
@@ -563,8 +565,8 @@ def test_local_lamp_is_local_magnitude(specs, seed, s, gran):
     "LAMP is monotone within a layer: in local scope it prunes what magnitude prunes"
     model = build_model(specs, seed)
     assume(all(m.weight.detach().abs().unique().numel() == m.weight.numel() for m in model))
-    a = Sparsifier(copy.deepcopy(model), s, gran, 'lamp', 'local').prune()
-    b = Sparsifier(copy.deepcopy(model), s, gran, 'large_final', 'local').prune()
+    a = Sparsifier(copy.deepcopy(model), s, gran, 'lamp', 'local', include='*').prune()
+    b = Sparsifier(copy.deepcopy(model), s, gran, 'large_final', 'local', include='*').prune()
     assume(all(l.grouping.reduce_scores(l.weight.detach().abs()).unique().numel() == l.grouping.n_groups for l in b.layers))
     assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
 
@@ -639,6 +641,7 @@ def test_filter_pruning_zeroes_bias_and_bn_of_resnet18(scope, criterion):
     nn.init.normal_(model.fc.bias)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sp = Sparsifier(model, 0.6, 'filter', criterion, scope).prune()
+    assert list(sp.skipped) == ['fc'] and torch.equal(model.fc.weight, before['fc.weight'])  # its outputs are the classes
     mods = dict(model.named_modules())
     pairs = resnet18_bn_pairs(model)
     assert len(pairs) == 20
@@ -659,7 +662,7 @@ def test_filter_pruning_zeroes_bias_and_bn_of_resnet18(scope, criterion):
             assert bool((now[~keep] == 0).all()), t
             assert torch.equal(now[keep], before[t][keep]), t  # kept filters' BN and bias untouched
             checked += 1
-    assert checked == 2 * 20 + 1
+    assert checked == 2 * 20
     assert sum(int((~m).sum()) for m in sp.masks.values()) > 0
     # BatchNorm running statistics are not parameters of the pruned filters: left alone
     for k, v in model.state_dict().items():
@@ -682,7 +685,7 @@ def test_bn_binding_with_hooks():
     for bn in (model.bn, model.bn2): nn.init.normal_(bn.weight); nn.init.normal_(bn.bias)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        sp = Sparsifier(model, 0.5, 'filter', sample_input=torch.randn(2, 3, 8, 8)).prune()
+        sp = Sparsifier(model, 0.5, 'filter', sample_input=torch.randn(2, 3, 8, 8), include='*').prune()
     assert sp.graph.mode == 'hooks'
     assert sp.bns == {'conv': [model.bn], 'conv2': [model.bn2]}
     for conv, bn in (('conv', model.bn), ('conv2', model.bn2)):
@@ -741,6 +744,6 @@ def test_state_dict_round_trip(criterion, gran, scope):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
     # a state saved for other settings is refused
     with pytest.raises(ValueError, match='granularity'):
-        Sparsifier(copy.deepcopy(model), 0.5, 'channel', criterion, scope).load_state_dict(sd)
+        Sparsifier(copy.deepcopy(model), 0.5, 'channel', criterion, scope, include=sd['layers']).load_state_dict(sd)
     with pytest.raises(ValueError, match='layers'):
         Sparsifier(copy.deepcopy(model), 0.5, gran, criterion, scope, exclude='0').load_state_dict(sd)

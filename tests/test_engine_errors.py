@@ -50,12 +50,12 @@ def rejects(model, exc, words, *args, **kwargs):
 # ---------------------------------------------------------------------------------------------------------------------
 # sparsity
 # ---------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('value,hint', [(50, '0.5'), (90, '0.9'), (100, '1'), (1.5, '0.015'), (12.5, '0.125')])
+@pytest.mark.parametrize('value,hint', [(50, '0.5'), (90, '0.9'), (100, '1'), (5, '0.05'), (12.5, '0.125')])
 def test_sparsity_percent_gets_a_hint(value, hint):
     rejects(mlp(), ValueError, ['`sparsity`', repr(float(value)), f'did you mean {hint}?', '[0, 1]'], value)
 
 
-@pytest.mark.parametrize('value', [-0.1, -50, 100.5, 1e6, math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize('value', [-0.1, -50, 1.5, 2.5, 100.5, 1e6, math.inf, -math.inf, math.nan]) # 1.5 is no percentage: no 'did you mean 0.015?'
 def test_sparsity_out_of_range(value):
     msg = rejects(mlp(), ValueError, ['`sparsity`', repr(float(value)), '[0, 1]'], value)
     assert 'did you mean' not in msg
@@ -111,16 +111,22 @@ def test_unknown_reduce():
 # granularities that do not apply to a layer name the layer
 # ---------------------------------------------------------------------------------------------------------------------
 def test_kernel_on_linear():
-    rejects(mlp(), ValueError, ['`granularity`', "'kernel'", 'layer `0`', 'Linear'], 0.5, 'kernel')
-    rejects(convnet(), ValueError, ['`granularity`', "'kernel'", 'layer `5`', 'Linear'], 0.5, 'kernel')
+    "Named in `include`, a Linear is refused under 'kernel', naming it; chosen by default it is left dense (issue 12)"
+    rejects(mlp(), ValueError, ['`granularity`', "'kernel'", 'layer `0`', 'Linear'], 0.5, 'kernel', include='0')
+    rejects(convnet(), ValueError, ['`granularity`', "'kernel'", 'layer `5`', 'Linear'], 0.5, 'kernel', include=['0', '5'])
+    rejects(mlp(), ValueError, ['`granularity`', "'kernel'", '`0`', '`3`', 'Linear', '`include`'], 0.5, 'kernel')  # nothing left
+    with pytest.warns(UserWarning, match="`5`: Linear has no 'kernel' groups"): sp = Sparsifier(convnet(), 0.5, 'kernel')
+    assert [l.name for l in sp.layers] == ['0', '3'] and list(sp.skipped) == ['5']
     Sparsifier(convnet(), 0.5, 'kernel', include=nn.Conv2d)  # fine once the Linear is left out
 
 
 def test_nm_on_input_not_multiple_of_4():
-    rejects(mlp(), ValueError, ['`granularity`', "'2:4'", 'layer `0`', '6', 'multiple of 4'], 0.5, '2:4')
-    rejects(convnet(), ValueError, ['`granularity`', "'2:4'", 'layer `0`', '3', 'multiple of 4'], 0.5, '2:4')
-    dw = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8))  # depthwise: one input channel per group
-    rejects(dw, ValueError, ['`granularity`', "'2:4'", 'layer `0`', 'multiple of 4'], 0.5, '2:4')
+    rejects(mlp(), ValueError, ['`granularity`', "'2:4'", 'layer `0`', '6', 'multiple of 4'], 0.5, '2:4', include='0')
+    rejects(convnet(), ValueError, ['`granularity`', "'2:4'", 'layer `0`', '3', 'multiple of 4'], 0.5, '2:4', include=nn.Conv2d)
+    dw = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8))  # depthwise: one input channel per group; nothing else to prune
+    rejects(dw, ValueError, ['`granularity`', "'2:4'", '`0`', 'input size per group, 1', 'multiple of 4'], 0.5, '2:4')
+    with pytest.warns(UserWarning, match="`0`: its input size per group, 3, is not a multiple of 4"):
+        assert [l.name for l in Sparsifier(convnet(), 0.5, '2:4').layers] == ['3', '5']  # the default selection adapts
     rejects(mlp(), ValueError, ['`sparsity`', "'2:4'", '0.5'], 0.6, '2:4', exclude='0')  # 2:4 reaches at most 50%
 
 

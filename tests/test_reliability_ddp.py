@@ -1,21 +1,28 @@
-"""Distributed training (issue 6): `SparsifyCallback` under `DistributedDataParallel` keeps identical masks on every rank.
+"""Distributed training (issues 6 and 13): `SparsifyCallback` under `DistributedDataParallel` keeps identical masks on every rank.
 
 Two CPU processes, gloo backend, started as `torchrun` would start them (this file run as a script with `MASTER_ADDR`,
-`MASTER_PORT`, `WORLD_SIZE` and `RANK` in the environment). fastai's own distributed support (`fastai.distributed`:
-`to_distributed`, `distrib_ctx`) cannot be used here: it is built on Hugging Face Accelerate, which is not a dependency
-of fasterprune (with fastai 2.8 `import fastai.distributed` even fails with a NameError when accelerate is missing). So
-each rank wraps `learn.model` in torch's `DistributedDataParallel` from a callback, exactly as fastai's
-`DistributedTrainer` does (order 11, wrap in `before_fit`, unwrap in `after_fit`), and reads its own half of every
-global batch.
+`MASTER_PORT`, `WORLD_SIZE` and `RANK` in the environment). Most fits wrap `learn.model` in torch's
+`DistributedDataParallel` from a callback, exactly as fastai's `DistributedTrainer` does (order 11, wrap in `before_fit`,
+unwrap in `after_fit`), and each rank reads its own half of every global batch; one fit goes through fastai's own
+`distrib_ctx` (`fastai.distributed`, built on Hugging Face Accelerate; skipped where `accelerate` cannot be imported).
 
-Why the masks agree: DDP all-reduces (averages) the gradients inside `loss.backward()`, before fastai's `after_backward`
-event, so every rank sees the same gradients; the weights start equal (DDP broadcasts rank 0's) and every rank takes the
-same optimizer step. The engine computes masks from the weights (`large_final`, `lamp`), from a generator seeded by the
-criterion's seed and the layer's name (`random`: no global RNG, no rank), or from state accumulated from those
-synchronised gradients and weights in `before_step` (`movement`, `taylor`). Nothing needs a collective of its own. The
-tests check each step of that argument: gradients equal across ranks at `after_backward` while the local losses differ,
-criterion state bit-identical, masks bit-identical at every optimizer step, and the result equal to one process
-training on the whole global batch.
+Why the masks agree: by construction. When torch.distributed is initialised with more than one process,
+`Sparsifier.update` broadcasts rank 0's group counts and new masks to every rank whenever masks change (one small
+broadcast for the counts, one for all the masks; no collective on steps where nothing changes). Most criteria would agree
+without it (DDP all-reduces the gradients inside `loss.backward()`, before fastai's `after_backward`, so weights,
+gradients and the `movement`/`taylor` state are the same on every rank, and `random` draws from a generator seeded by
+the layer's name), but not all: `lookahead_bn` reads the BatchNorms' running variances, which each rank updates with its
+own data (issue 13, case 4: masks differed on 21 of 32 steps), and a user's criterion may read anything. The tests check
+each step: gradients equal across ranks at `after_backward` while the local losses differ, criterion state
+bit-identical, masks bit-identical at every optimizer step (BatchNorm CNN with `lookahead_bn`, `random`, `taylor`,
+`movement`, global scope, `'filter'`), a criterion drawing from the per-rank global RNG gets rank 0's masks, and the
+result equals one process training on the whole global batch.
+
+fastai's `distrib_ctx` is written for CUDA: `DistributedDL._broadcast` moves its indices to the GPU (replaced here by the
+same broadcast on a CPU tensor), and `SyncBatchNorm` (what `distrib_ctx` substitutes for every BatchNorm by default)
+synchronises only CUDA tensors: on these CPU processes `distrib_ctx` runs with `sync_bn=False`, and
+`test_syncbn_pruned_channels_output_zero` checks in one process that a pruned filter's channel outputs exactly 0 through
+a `SyncBatchNorm` (which computes as a BatchNorm there).
 """
 import hashlib, os, socket, subprocess, sys
 from collections import OrderedDict
@@ -40,6 +47,17 @@ CONFIGS = OrderedDict([
 ])
 
 
+# the same on a CNN with BatchNorm, where `lookahead_bn` reads per-rank running variances
+BN_CONFIGS = OrderedDict([
+    ('cnn-global-lookahead_bn-filter', dict(scope='global', criterion='lookahead_bn', granularity='filter')),
+    ('cnn-local-lookahead_bn', dict(criterion='lookahead_bn')),
+    ('cnn-global-random-filter', dict(scope='global', criterion='random', granularity='filter')),
+    ('cnn-global-taylor-filter', dict(scope='global', criterion='taylor', granularity='filter')),
+    ('cnn-global-movement', dict(scope='global', criterion='movement')),
+])
+DISTRIB_CTX = 'fastai-distrib_ctx-lookahead_bn-filter' # the same first configuration through fastai's `distrib_ctx`
+
+
 class GlobalRNG(LargeFinal):
     "A negative control: magnitude plus noise from the *global* RNG, which differs between ranks"
     def score(self, layer, state=None): return layer.weight.detach().abs() + torch.rand(layer.weight.shape)
@@ -54,20 +72,28 @@ def make_model():
                                      fc3=nn.Linear(32, 4)))
 
 
-def global_data():
+def make_cnn():
+    "A small CNN with BatchNorm after each conv"
+    return nn.Sequential(OrderedDict(conv1=nn.Conv2d(3, 8, 3, padding=1), bn1=nn.BatchNorm2d(8), act1=nn.ReLU(),
+                                     conv2=nn.Conv2d(8, 16, 3, padding=1), bn2=nn.BatchNorm2d(16), act2=nn.ReLU(),
+                                     pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(16, 4)))
+
+
+def global_data(cnn=False):
     g = torch.Generator().manual_seed(0)
     n = WORLD * BS * N_BATCHES
     x = torch.randn(n, 16, generator=g)
     y = (x[:, :4].argmax(1) + (x[:, 4] > 1).long()) % 4 # learnable, not trivial
-    return x, y
+    if cnn: x = (x.repeat(1, 12).view(n, 3, 8, 8) + 0.5 * torch.randn(n, 3, 8, 8, generator=g)) * (1 + torch.arange(n) % 3).view(n, 1, 1, 1)
+    return x, y # (the CNN's inputs have per-sample scales: running variances differ between the ranks' halves)
 
 
-def dls_for(rank=None):
+def dls_for(rank=None, cnn=False, bs=None):
     "Rank `rank`'s half of every global batch (batch i holds rows [i*2*BS, (i+1)*2*BS)), or the whole global batches"
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
-    x, y = global_data()
-    if rank is None: items, bs = list(zip(x, y)), WORLD * BS
+    x, y = global_data(cnn)
+    if rank is None: items, bs = list(zip(x, y)), bs or WORLD * BS
     else:
         idx = torch.arange(len(x)).view(N_BATCHES, WORLD, BS)[:, rank].reshape(-1)
         items, bs = list(zip(x[idx], y[idx])), BS
@@ -80,8 +106,9 @@ def mask_digest(sp):
     return h.hexdigest()
 
 
-def fit(cfg, rank=None):
-    "Train one configuration; rank=None is the single-process run on whole global batches"
+def fit(cfg, rank=None, cnn=False, distrib_ctx=False):
+    """Train one configuration; rank=None is the single-process run on whole global batches.
+    `distrib_ctx`: through fastai's `Learner.distrib_ctx` (Accelerate, `DistributedDL`) instead of the DDP callback"""
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.optimizer import SGD
@@ -100,7 +127,10 @@ def fit(cfg, rank=None):
     class Probe(Callback):
         "Per step: are the gradients equal on every rank at `after_backward`, the local loss, the masks' digest"
         order = SparsifyCallback.order + 1
-        def before_fit(self): self.synced, self.losses, self.digests = [], [], []
+        def before_fit(self): self.synced, self.losses, self.digests, self.bn_digests = [], [], [], []
+        def before_batch(self): # what `lookahead_bn` reads at the mask update: the running variances, per rank
+            if self.training: self.bn_digests.append(hashlib.sha1(b''.join(
+                b.numpy().tobytes() for n, b in self.learn.model.named_buffers() if n.endswith('running_var'))).hexdigest())
         def after_backward(self):
             if rank is None: return
             g = torch.cat([p.grad.reshape(-1) for p in self.learn.model.parameters()])
@@ -111,15 +141,41 @@ def fit(cfg, rank=None):
         def after_step(self): self.digests.append(mask_digest(self.sparsify.sparsifier))
 
     set_seed(0)
-    model = make_model()
+    model = make_cnn() if cnn else make_model()
     torch.manual_seed(1000 + (rank or 0)) # a global RNG that differs between ranks: nothing may depend on it
     probe = Probe()
-    cbs = ([DDP()] if rank is not None else []) + [SparsifyCallback(SPARSITY, **cfg), probe]
-    learn = Learner(dls_for(rank), model, loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=cbs)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(EPOCHS, LR)
+    cbs = ([DDP()] if rank is not None and not distrib_ctx else []) + [SparsifyCallback(SPARSITY, **cfg), probe]
+    dls = dls_for(None if distrib_ctx else rank, cnn, bs=BS if distrib_ctx else None) # `distrib_ctx` splits the data
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=cbs)
+    with learn.no_bar(), learn.no_logging():
+        if distrib_ctx:
+            from fastai.distributed import DistributedDL
+            def _broadcast(self, t, rank): # fastai's, on a CPU tensor: its own hard-codes `.cuda()` (for NCCL)
+                t = torch.tensor(t, dtype=torch.long)
+                dist.broadcast(t, rank)
+                return t.tolist()
+            DistributedDL._broadcast = _broadcast
+            with learn.distrib_ctx(sync_bn=False, cpu=True): learn.fit_one_cycle(EPOCHS, LR)
+        else: learn.fit_one_cycle(EPOCHS, LR)
     sp = learn.sparsify.sparsifier
     return dict(masks=dict(sp.masks), state=sp.state, counts=sp.counts, weights=learn.model.state_dict(),
-                synced=probe.synced, losses=probe.losses, digests=probe.digests, model_type=type(learn.model).__name__)
+                params={k: p.detach().clone() for k, p in learn.model.named_parameters()},
+                synced=probe.synced, losses=probe.losses, digests=probe.digests, bn_digests=probe.bn_digests,
+                model_type=type(learn.model).__name__)
+
+
+def rank_local_masks(rank, broadcast):
+    "Masks of a criterion drawing from the per-rank global RNG, with the engine's rank-0 broadcast on or off"
+    import fasterprune.sparsifier as fs
+    from fasterprune.sparsifier import Sparsifier
+    torch.manual_seed(0)
+    model = make_model()
+    torch.manual_seed(1000 + rank)
+    world = fs._world_size
+    if not broadcast: fs._world_size = lambda: 1
+    try: sp = Sparsifier(model, SPARSITY, criterion=GlobalRNG(), scope='global').prune()
+    finally: fs._world_size = world
+    return mask_digest(sp)
 
 
 def worker(out: Path):
@@ -130,6 +186,11 @@ def worker(out: Path):
     rank = dist.get_rank()
     try:
         res = {name: fit(cfg, rank) for name, cfg in [*CONFIGS.items(), ('control', CONTROL)]}
+        res.update({name: fit(cfg, rank, cnn=True) for name, cfg in BN_CONFIGS.items()})
+        try: import accelerate # noqa: F401 (fastai.distributed needs it)
+        except ImportError: pass
+        else: res[DISTRIB_CTX] = fit(next(iter(BN_CONFIGS.values())), rank, cnn=True, distrib_ctx=True)
+        res['local_masks'] = {b: rank_local_masks(rank, b) for b in (False, True)}
         torch.save(res, out / f'rank{rank}.pt')
     finally: dist.destroy_process_group()
 
@@ -179,34 +240,59 @@ def same(a, b):
         else: assert torch.equal(a[k], b[k]), k
 
 
+def accelerate_missing():
+    try: import accelerate # noqa: F401
+    except ImportError: return True
+    return False
+
+
+IDENTICAL = [*CONFIGS, *BN_CONFIGS, pytest.param(DISTRIB_CTX, marks=pytest.mark.skipif(
+    accelerate_missing(), reason="fastai.distributed needs `accelerate` (pip install accelerate)"))]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('name', list(CONFIGS))
+@pytest.mark.parametrize('name', IDENTICAL)
 def test_ddp_masks_identical(ranks, name):
     "Bit-identical masks on both ranks after every optimizer step, and identical criterion state, counts and weights"
     r0, r1 = ranks[0][name], ranks[1][name]
     assert r0['model_type'] == 'Sequential' # DDP unwrapped again after the fit
     assert len(r0['digests']) == EPOCHS * N_BATCHES and r0['digests'] == r1['digests']
-    assert len(set(r0['digests'])) > EPOCHS * N_BATCHES // 2 # the masks changed at most steps: each was compared
+    assert len(set(r0['digests'])) > (EPOCHS * N_BATCHES // 2 if name in CONFIGS else 3) # masks changed at many steps
     same(r0['masks'], r1['masks'])
     same(r0['state'], r1['state'])
     assert r0['counts'] == r1['counts']
-    same(r0['weights'], r1['weights'])
+    same(r0['params'], r1['params']) # the replicas did not diverge
+    if name in CONFIGS: same(r0['weights'], r1['weights'])
     n = sum(m.numel() for m in r0['masks'].values())
     assert sum(int((~m).sum()) for m in r0['masks'].values()) > 0.5 * SPARSITY * n # it did prune
 
 
 @pytest.mark.slow
-def test_ddp_comparison_detects_rank_dependent_masks(ranks):
-    "The comparison above has teeth: a criterion drawing from the global RNG (seeded per rank) gives masks that differ"
+@pytest.mark.parametrize('name', [n for n in [*BN_CONFIGS, DISTRIB_CTX] if 'lookahead_bn' in n])
+def test_ddp_lookahead_bn_reads_rank_local_statistics(ranks, name):
+    "Why the broadcast is needed: what `lookahead_bn` reads at a mask update (running variances) differs between ranks"
+    if name not in ranks[0]: pytest.skip("fastai.distributed needs `accelerate`")
+    r0, r1 = ranks[0][name], ranks[1][name]
+    assert len(r0['bn_digests']) == EPOCHS * N_BATCHES
+    assert sum(a != b for a, b in zip(r0['bn_digests'], r1['bn_digests'])) > EPOCHS * N_BATCHES // 2
+
+
+@pytest.mark.slow
+def test_ddp_rank_dependent_criterion_gets_rank0_masks(ranks):
+    "A criterion drawing from the global RNG (seeded per rank) still gives the same masks on every rank: rank 0's"
     r0, r1 = ranks[0]['control'], ranks[1]['control']
-    assert r0['digests'][0] != r1['digests'][0]
-    assert any(not torch.equal(r0['masks'][k], m) for k, m in r1['masks'].items())
+    assert r0['digests'] == r1['digests']
+    same(r0['masks'], r1['masks'])
+    same(r0['weights'], r1['weights'])
+    # the comparison has teeth: without the engine's broadcast, the same criterion gives each rank other masks
+    assert ranks[0]['local_masks'][False] != ranks[1]['local_masks'][False]
+    assert ranks[0]['local_masks'][True] == ranks[1]['local_masks'][True]
 
 
 @pytest.mark.slow
 def test_ddp_gradients_synchronised_before_after_backward(ranks):
     "Why no collective is needed: at fastai's `after_backward` the gradients are already the all-reduced ones"
-    for name in CONFIGS:
+    for name in [*CONFIGS, *BN_CONFIGS]:
         r0, r1 = ranks[0][name], ranks[1][name]
         assert len(r0['synced']) == EPOCHS * N_BATCHES and all(r0['synced']) and all(r1['synced'])
         assert r0['losses'] != r1['losses'] # each rank saw other data: the equality above comes from DDP
@@ -234,6 +320,42 @@ def test_ddp_matches_single_process(ranks, name):
     total = sum(m.numel() for m in single['masks'].values())
     differ = sum(int((single['masks'][k] != m).sum()) for k, m in ddp['masks'].items())
     assert differ == 0, f'{differ} of {total} mask entries differ from the single-process run'
+
+
+
+@pytest.mark.parametrize('training', [False, True], ids=['eval', 'train'])
+def test_syncbn_pruned_channels_output_zero(training):
+    """The model `distrib_ctx` trains by default has `SyncBatchNorm`s (`convert_sync_batchnorm`, as fastai's
+    `DistributedTrainer` does): a pruned filter's channel outputs exactly 0 after its SyncBatchNorm and ReLU. (In one
+    process a SyncBatchNorm computes as a BatchNorm; what is checked is that the engine zeroes its gamma and beta.)"""
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.optimizer import SGD
+    from fastai.callback.schedule import fit_one_cycle # noqa: F401
+    from fastai.torch_core import set_seed
+    from fasterprune.callback import SparsifyCallback
+    set_seed(0)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(make_cnn())
+    assert isinstance(model.bn1, nn.SyncBatchNorm)
+    learn = Learner(dls_for(None, cnn=True), model, loss_func=CrossEntropyLossFlat(), opt_func=SGD,
+                    cbs=SparsifyCallback(0.5, granularity='filter'))
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, LR)
+    sp = learn.sparsify.sparsifier
+    outs = {}
+    hooks = [getattr(model, a).register_forward_hook(lambda m, i, o, a=a: outs.__setitem__(a, o)) for a in ('act1', 'act2')]
+    model.train(training)
+    with torch.no_grad(): model(global_data(cnn=True)[0][:32])
+    for h in hooks: h.remove()
+    n = 0
+    for conv, act in (('conv1', 'act1'), ('conv2', 'act2')):
+        l = next(l for l in sp.layers if l.name == conv)
+        dead = ~l.grouping.out_mask(sp.masks[conv])
+        assert dead.any()
+        worst = float(outs[act][:, dead].abs().max())
+        assert worst == 0, f"pruned channels of `{conv}` output up to {worst:.3g} after their SyncBatchNorm"
+        assert outs[act][:, ~dead].abs().sum() > 0
+        n += int(dead.sum())
+    assert n >= 5
 
 
 if __name__ == '__main__': worker(Path(sys.argv[1]))

@@ -149,7 +149,12 @@ def offenders(kw, fit_epochs=N_EPOCH):
     if sel_ok and not layers: off |= {'include', 'exclude', 'empty_selection'}
     if not layers: return off
     g = kw.get('granularity', 'weight')
-    if g == 'kernel' and 'fc' in layers: off.add('granularity')
+    if kw.get('include') not in (None, []): # layers named in `include` must take the granularity
+        if g == 'kernel' and 'fc' in layers: off.add('granularity')
+    elif isinstance(g, str): # the default selection leaves dense what does not fit (issue 12): a Linear under 'kernel',
+        dense = {'kernel': {'fc'}, 'filter': {'fc'}, 'channel': {'conv'}}.get(g, set()) # the outputs, the inputs
+        layers = [n for n in layers if n not in dense]
+        if not layers: return off | {'granularity'} # nothing left
     ls = kw.get('layer_sparsity')
     if 'layer_sparsity' not in off and ls:
         if any(not any(n == k or fnmatch.fnmatchcase(n, k) for n in layers) for k in ls): off.add('layer_sparsity')
