@@ -55,6 +55,7 @@ class ModelGraph:
         self.model, self.reason, self.gm, self.sample_input = model, None, None, sample_input
         self.modules = dict(model.named_modules())
         self._order, self._warned = [], set() # hooks mode: prunable layers in the order they ran; warnings given
+        self._first_run = None # hooks mode: the first module with weights (not a norm) that ran
         self._next = {} # module name -> list of module names reading its output through pass-through ops
         self._uses = self.channel_error = self.cache = None # channel links (built on first use), why they failed, `caching`'s store
         self._hooks = self._subs = self._chain_links = None # built on first use: hooks' edges, fx-traced blocks, chain pairs
@@ -127,6 +128,7 @@ def _index_hooks(self:ModelGraph, x):
     prunable = tuple(granularity_table)
     def hook_layer(mod, inp, out, name):
         if isinstance(mod, prunable): order.append(name)
+        if self._first_run is None and _has_weight(mod) and not isinstance(mod, unit_norm_types): self._first_run = name
         hook(mod, inp, out, name)
     for name, m in self.modules.items(): # leaves, and norms and layers that have children (BatchNormAct2d's act)
         if name and (not list(m.children()) or isinstance(m, unit_norm_types + prunable)):
@@ -238,7 +240,8 @@ def output_layers(self:ModelGraph)->set:
 def input_layers(self:ModelGraph)->set:
     "Names of the weight layers that read the model's inputs directly"
     if self.mode == 'fx': return self._io_walk('placeholder')
-    return set(self._order[:1]) if self.mode == 'hooks' else self._no_io('input')
+    if self.mode != 'hooks': return self._no_io('input')
+    return set(self._order[:1]) if self._order[:1] == [self._first_run] else set() # behind an embedding or an LSTM: none
 
 # %% ../nbs/05_graph.ipynb #12a5242e
 weight_layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -106,14 +106,15 @@ def bert():
                         max_position_embeddings=32, num_labels=3)
     return HFWrap(tr.BertForSequenceClassification(cfg)), torch.randint(0, 50, (2, 10))
 
-# (model, mode, input layers, output layers): an embedding reads a text model's input, and is no prunable layer
+# (model, mode, input layers, output layers): an embedding reads a text model's input, and is no prunable layer (in hooks
+# mode too: the first prunable layer to run reads the inputs only when no embedding or LSTM ran before it)
 cases = [(vision, 'fx', {'0.0'}, {'1.8'}),
          (timm_vision, 'fx', {'0.model.conv_stem'}, {'1.8'}),
          (unet, 'hooks', {'layers.0.0'}, {'layers.12.0'}),
          (tabular, 'fx', {'layers.0.0'}, {'layers.2.0'}),
-         (awd_lstm, 'hooks', {'1.layers.0.2'}, {'1.layers.1.2'}),
+         (awd_lstm, 'hooks', set(), {'1.layers.1.2'}),
          (transformer, 'fx', set(), {'head'}),
-         (bert, 'hooks', {'hf.bert.encoder.layer.0.attention.self.query'}, {'hf.classifier'})]
+         (bert, 'hooks', set(), {'hf.classifier'})]
 
 @pytest.mark.parametrize('make,mode,ins,outs', cases, ids=[c[0].__name__ for c in cases])
 def test_input_output_layers(make, mode, ins, outs):
@@ -319,3 +320,15 @@ def test_a_norm_after_an_add_is_left_alone():
         def __init__(s): super().__init__(); s.a, s.b, s.pool, s.bn = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm1d(4)
         def forward(s, x): return s.bn(s.pool(s.a(x) + s.b(x)).flatten(1))
     assert ModelGraph(Res()).following_norms('a') == []
+
+
+def test_language_model_channel_keeps_its_layers():
+    "A language model fx cannot trace: its decoder reads the LSTM's outputs, not the model's inputs, so 'channel' prunes it"
+    from fastai.text.all import get_language_model, AWD_LSTM, awd_lstm_lm_config
+    from fasterprune.sparsifier import Sparsifier
+    model = get_language_model(AWD_LSTM, 40, config=dict(awd_lstm_lm_config, emb_sz=16, n_hid=24, n_layers=2))
+    x = torch.randint(0, 40, (2, 8))
+    g = ModelGraph(model, x)
+    assert g.mode == 'hooks' and g.input_layers() == set() and g.output_layers() == {'1.decoder'}
+    with warnings.catch_warnings(): warnings.simplefilter('ignore'); sp = Sparsifier(model, 0.5, 'channel', sample_input=x).prune()
+    assert '1.decoder' in [l.name for l in sp.layers]
