@@ -220,7 +220,7 @@ def _rebuild(self:SparsifyCallback, layout:dict):
         if l.name not in same or l.name not in old.masks: continue
         sp.masks[l.name], kept = old.masks[l.name], kept + 1
         if l.name in old.state and l.name in sp.state: sp.state[l.name] = old.state[l.name]
-    self._achieved = _achieved_now(sp)
+    self._achieved = self._measure()
     warnings.warn(f"SparsifyCallback: the prunable layers of `learn.model` changed since the sparsifier was built "
                   f"({'; '.join(f'{k}: {v}' for k, v in changes.items() if v)}): it is rebuilt on the layers the model has now, "
                   f"keeping the masks of the {kept} unchanged layers")
@@ -276,14 +276,10 @@ def _check_neighbours(self:SparsifyCallback):
         if both: raise ValueError(f"`include`/`exclude`: layers {both} are pruned by `{cb.name}` too; "
                                   "SparsifyCallbacks on one Learner need disjoint layer sets")
 
-def _groups_pruned(sp)->float:
-    "Share of the pruned layers' groups that the masks prune (what the target counts), read from the masks"
-    return sp.sparsity_achieved(of='groups')
-
-_achieved_now = _groups_pruned # what the per-batch history records
-
 @patch
-def _measure(self:SparsifyCallback)->float: return _groups_pruned(self.sparsifier)
+def _measure(self:SparsifyCallback)->float:
+    "Share of the pruned layers' groups that the masks prune (what the target counts): the column and the per-batch history"
+    return self.sparsifier.sparsity_achieved(of='groups')
 
 @patch(as_prop=True)
 def column(self:SparsifyCallback)->str:
@@ -474,15 +470,6 @@ def _mask_frozen_filter_grads(sp):
         for p in sp._out_params(l):
             if p.grad is not None: mul_units(p.grad, om)
 
-def _n_kept(m):
-    "Number of True entries of the bool mask `m` (numpy's count is several times faster on the CPU)"
-    return int(np.count_nonzero(m.contiguous().numpy())) if m.device.type == 'cpu' else int(torch.count_nonzero(m))
-
-def _masked_fraction(sp):
-    "Fraction of the pruned layers' weights that the masks zero"
-    n = sum((m.numel() - _n_kept(m)) * (l.weight.numel() // m.numel()) for l in sp.layers if (m := sp.masks.get(l.name)) is not None)
-    return n / sum(l.weight.numel() for l in sp.layers)
-
 def _pruned_since(old, new):
     "Flat indices that the bool mask `old` keeps and `new` prunes (numpy on the CPU, where its bool operations are faster)"
     if new.device.type == 'cpu' and old.device.type == 'cpu':
@@ -519,7 +506,7 @@ def _clean_opt_state(self:SparsifyCallback, old:dict):
 def _after_change(self:SparsifyCallback, old:dict):
     if self.lth and self.snapshot is not None: self._rewind()
     self._clean_opt_state(old)
-    self._achieved = _achieved_now(self.sparsifier)
+    self._achieved = self._measure()
 
 # %% ../nbs/07_callback.ipynb #e81c7d84
 @patch
@@ -704,7 +691,7 @@ def _restore(self:SparsifyCallback, sd):
         dev = {l.name: l.weight.device for l in self.sparsifier.layers}
         self.snapshot = {k: v.to(dev[k]) for k, v in sd['snapshot'].items()}
     self._pending = None
-    self._achieved = _achieved_now(self.sparsifier) # what the Recorder logs until the masks next change
+    self._achieved = self._measure() # what the Recorder logs until the masks next change
     if self._end_of_fit is not None and (now := self._measure()) < self._end_of_fit - 1e-9:
         warnings.warn(f"SparsifyCallback: a checkpoint loaded at the end of the fit (`SaveModelCallback` keeping its best epoch?) "
                       f"has {self.column} {now:.4g}, below the {self._end_of_fit:.4g} the fit reached: the model is less sparse "

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from fastcore.basics import store_attr, patch
 from .granularities import Grouping, granularity_table, known_granularities, reductions, _table_entry, grouping_problem
 from .criteria import Layer, large_final, get_criterion
-from .graph import ModelGraph
+from .graph import ModelGraph, _n_units
 
 # %% ../nbs/06_sparsifier.ipynb #daa22c0a
 _SAMPLE, _SMALL = 1 << 16, 1 << 14
@@ -395,16 +395,12 @@ def _check_left(self:Sparsifier, pairs):
     raise ValueError(f"no layer of {type(self.model).__name__} can be pruned with `granularity`={self.granularity!r} "
                      f"({why}): use another granularity, or name the layers to prune in `include`")
 
-def _n_out(m):
-    "The number of output units of layer `m`, or None if it does not say"
-    return getattr(m, 'out_features', None) or getattr(m, 'out_channels', None)
-
 @patch
 def _norms(self:Sparsifier, l)->list:
     "The normalisation layers after `l` (and after its tied users) whose per-unit γ and β a filter mask of `l` zeroes"
     if self.graph is None: return []
     names = [l.name, *(a for a, _ in self.tied.get(l.name, []))]
-    out, C = [], _n_out(l.module)
+    out, C = [], _n_units(l.module)
     for n in names:
         for b in self.graph.following_norms(n):
             norm = self.graph.modules[b]
