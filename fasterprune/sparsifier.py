@@ -64,16 +64,20 @@ def _backend(scores):
     sizes = [s.numel if isinstance(s, LazyScores) else s.numel() for s in scores]
     return (_Numpy if to_np else _Torch), gets, sizes
 
+def _holders(xp, pieces, t)->list:
+    "The indices of the arrays whose `pieces` (all their entries near `t`) hold `t`"
+    return [i for i, p in enumerate(pieces) if len(p) and xp.count(p == t)]
+
 def _kth(xp, gets, sizes, k):
-    "The `k`-th smallest value over the arrays `gets` return, and whether it occurs only once"
+    "The `k`-th smallest value over the arrays `gets` return, and the indices of the arrays holding it (None: any may)"
     n = sum(sizes)
     if not 1 <= k <= n: raise ValueError(f"k={k} is outside [1, {n}]")
     count = lambda pred: sum(xp.count(pred(g())) for g in gets)
-    gather = lambda pred: xp.cat([a[pred(a)] for a in (g() for g in gets)])
+    gather = lambda pred: [a[pred(a)] for a in (g() for g in gets)] # per array: which ones hold the answer is known for free
     if n <= _SMALL:
-        allv = xp.cat([g() for g in gets])
-        t = xp.kth(allv, k)
-        return t, xp.count(allv == t) == 1
+        pieces = [g() for g in gets]
+        t = xp.kth(xp.cat(pieces), k)
+        return t, _holders(xp, pieces, t)
     stride = max(1, n // min(_SAMPLE, max(_SMALL // 4, n // 64)))
     sample = xp.cat([xp.strided(g(), stride) for g in gets]) # copies: a view would keep every layer's scores alive
     m, q = len(sample), k / n
@@ -84,19 +88,19 @@ def _kth(xp, gets, sizes, k):
     if k <= lt_lo: cands, base = gather(lambda s: s < lo), 0 # bracket missed low: rare
     elif lo == hi or tied(lo) or tied(hi): # a block of equal scores at a bound: count it instead of gathering it
         le_lo = count(lambda s: s <= lo)
-        if k <= le_lo: return lo, False
+        if k <= le_lo: return lo, None
         lt_hi = count(lambda s: s < hi)
         if k <= lt_hi: cands, base = gather(lambda s: (s > lo) & (s < hi)), le_lo
         else:
             le_hi = count(lambda s: s <= hi)
-            if k <= le_hi: return hi, False
+            if k <= le_hi: return hi, None
             cands, base = gather(lambda s: s > hi), le_hi # missed high: rare
     else:
         cands, base = gather(lambda s: (s >= lo) & (s <= hi)), lt_lo
-        if k > base + len(cands): # bracket missed high: rare
-            cands, base = gather(lambda s: s > hi), base + len(cands)
-    t = xp.kth(cands, k - base)
-    return t, xp.count(cands == t) == 1
+        if k > base + sum(len(c) for c in cands): # bracket missed high: rare
+            cands, base = gather(lambda s: s > hi), base + sum(len(c) for c in cands)
+    t = xp.kth(xp.cat(cands), k - base)
+    return t, _holders(xp, cands, t)
 
 def kth_smallest(scores:list, # flat score tensors
                  k:int, # 1-based rank, 1 <= k <= total size
@@ -112,17 +116,18 @@ def select_smallest(scores:list, # flat score tensors
     "Mark exactly the `k` smallest scores; ties go to entries `keep` says False, then the earlier tensor, then the earlier position"
     if k <= 0: return [torch.zeros(s.numel if isinstance(s, LazyScores) else s.numel(), dtype=torch.bool, device=s.device) for s in scores]
     xp, gets, sizes = _backend(scores)
-    t, unique = _kth(xp, gets, sizes, k)
-    if unique: out = [g() <= t for g in gets]
-    else:
-        out, r = [], k
-        for g in gets:
-            out.append(g() < t)
-            r -= xp.count(out[-1])
+    t, holders = _kth(xp, gets, sizes, k)
+    out = [g() <= t for g in gets]
+    r = k - sum(xp.count(o) for o in out)
+    if r < 0: # `t` is tied: mark the k first of the equal scores, in the order the docstring says
+        holding = range(len(gets)) if holders is None else holders
+        for i in holding: out[i] &= gets[i]() != t # strictly below `t`
+        r = k - sum(xp.count(o) for o in out)
         conv = (lambda p, eq: p.cpu().numpy()) if xp is _Numpy else (lambda p, eq: p.to(eq.device))
         passes = [None] if keep is None else [True, False] # equals `keep` marks False first, then the others
         for want in passes:
-            for i, (g, o) in enumerate(zip(gets, out)):
+            for i in holding:
+                g, o = gets[i], out[i]
                 if r <= 0: break
                 eq = g() == t
                 if want is not None: ki = conv(keep[i], eq); eq = eq & (~ki if want else ki)
@@ -372,6 +377,7 @@ class Sparsifier:
         self.units = self._units(links)
         self.state = {l.name: s for l in self.layers if (s := self.criterion.init_state(l)) is not None}
         self.masks, self.counts, self.by_magnitude, self._magnitude, self._warned = {}, {}, set(), set(), set()
+        self.plans, self.ranked = {}, [] # per pool, the groups to prune next, in order; the pools the last update scored
 
     def __repr__(self):
         return (f"Sparsifier({len(self.layers)} layers, sparsity={self.sparsity}, granularity={self.granularity!r}, "
@@ -508,11 +514,23 @@ def group_counts(self:Sparsifier, share:float=1.)->dict:
     return out
 
 # %% ../nbs/06_sparsifier.ipynb #e867e18a
+def _all(p)->bool:
+    "Whether every entry of bool tensor `p` is True (numpy's check stops at the first False: free on a CPU)"
+    return bool(p.numpy().all()) if p.device.type == 'cpu' else bool(p.all())
+
 def _protect(gi):
     "`gi` with its last-ranked group (its largest, the last of equals) set to +inf"
     gi = gi.clone()
     gi[gi.numel() - 1 - int(gi.flip(0).argmax())] = math.inf
     return gi
+
+def _at_risk(layers, g, k)->set:
+    "Indices of the layers whose best group could be among the `k` smallest of `g`: their max is below an upper bound of the k-th smallest, read from a sample"
+    n = sum(gi.numel() for gi in g)
+    sample = torch.cat([gi[::max(1, n // _SAMPLE)].float() for gi in g])
+    m, q = sample.numel(), k / n
+    hi = sample.kthvalue(min(m, max(1, math.ceil((q + 6 * math.sqrt(q * (1 - q) / m) + 2 / m) * m)))).values
+    return {i for i, (l, gi) in enumerate(zip(layers, g)) if not l.grouping.nm and gi.numel() and bool(gi.max() <= hi)}
 
 def _protect_best(layers, g):
     "Scores where each layer's best group can never be selected"
@@ -542,9 +560,13 @@ def _sum_scores(g):
     return g[0] if len(g) == 1 else torch.stack([gi.to(g[0].device) for gi in g]).sum(0)
 
 @patch
-def _group_scores(self:Sparsifier, units, scope):
-    return self.criterion.normalize([_sum_scores([l.grouping.reduce_scores(self._scores(l).float(), self.reduce) for l in u])
-                                     for u in units], scope)
+def _group_scores(self:Sparsifier, units, scope, tops:dict=None):
+    "Per unit, its group scores; with `tops`, N:M layers also leave there which entries each block keeps"
+    def one(l):
+        if tops is None or not l.grouping.nm: return l.grouping.reduce_scores(self._scores(l).float(), self.reduce)
+        g, tops[l.name] = l.grouping.nm_split(self._scores(l).float(), self.reduce)
+        return g
+    return self.criterion.normalize([_sum_scores([one(l) for l in u]) for u in units], scope)
 
 @patch
 def _waiting(self:Sparsifier, units, scope)->set:
@@ -565,11 +587,20 @@ def _waiting(self:Sparsifier, units, scope)->set:
     return names
 
 @patch
-def _compute(self:Sparsifier, units, k, scope):
+def _compute(self:Sparsifier, units, k, scope, ahead:int=None, queue_only:bool=False):
     self._magnitude = self._waiting(units, scope)
     self.by_magnitude |= self._magnitude
-    try: self._select(units, k, scope)
+    try: return self._queue(units, scope, ahead) if queue_only else self._select(units, k, scope, ahead)
     finally: self._magnitude = set()
+
+@patch
+def _queue(self:Sparsifier, units, scope, ahead:int):
+    "The plan to prune up to `ahead` groups of `units` from their current masks, which stay as they are"
+    heads = [u[0] for u in units]
+    kept = [self.masks[l.name].reshape(-1) if l.name in self.masks else torch.ones(l.grouping.n_groups, dtype=torch.bool, device=l.weight.device)
+            for l in heads]
+    g = self._group_scores(units, scope)
+    return _plan(heads, g, [~k for k in kept], ahead, kept, scope) + ({},)
 
 @patch
 def _kept_now(self:Sparsifier, heads):
@@ -578,33 +609,72 @@ def _kept_now(self:Sparsifier, heads):
     if any(m is None or l.grouping.nm for l, m in zip(heads, ms)): return None
     return [m.reshape(-1) for m in ms]
 
+def _plan(heads, g, pruned, ahead, kept, scope)->tuple:
+    "(unit, group) pairs in the order the next selections take them, up to the `ahead` smallest of `g`: those `pruned` does not hold yet"
+    later = select_smallest(g, ahead, kept)
+    if scope == 'global' and any(_all(p) for l, p in zip(heads, later)): later = select_smallest(_protect_best(heads, g), ahead, kept)
+    us, idx, sc = [], [], []
+    for i, (gi, a, b) in enumerate(zip(g, later, pruned)): # on numpy views where all is on the CPU: several times faster
+        a, b, gi = a.cpu().numpy(), b.cpu().numpy(), gi.detach().reshape(-1).float().cpu().numpy()
+        new = np.flatnonzero(a > b) # taken at `ahead`, not pruned now
+        us.append(np.full(len(new), i)); idx.append(new); sc.append(gi[new])
+    order = np.argsort(np.concatenate(sc), kind='stable') # equal scores: the earlier unit, then the earlier group, as `select_smallest`
+    return torch.from_numpy(np.concatenate(us)[order]), torch.from_numpy(np.concatenate(idx)[order])
+
 @patch
-def _select(self:Sparsifier, units, k, scope):
+def _select(self:Sparsifier, units, k, scope, ahead:int=None):
+    "Masks for the `k` smallest groups of `units`; with `ahead` > `k`, return the plan of the next ones too (not for N:M or huge pools)"
     heads = [u[0] for u in units] # a unit's members share its number of groups
     lazy = sum(l.grouping.numel for u in units for l in u) > _LAZY_ABOVE
     if lazy: g = [LazyScores(lambda u=u: self._group_scores([u], scope)[0], l.grouping.n_groups, l.weight.device) for u, l in zip(units, heads)]
-    else: g = self._group_scores(units, scope)
+    else: g = self._group_scores(units, scope, tops := {})
     kept = self._kept_now(heads) # equal scores: the groups pruned already stay pruned, so masks don't flicker
+    if scope == 'global' and not lazy and k: # protect the best group of the layers that might lose all: one selection, not two
+        risky = _at_risk(heads, g, k) # (a layer that keeps a group anyway is not changed by protecting its best one)
+        g = [_protect(gi) if i in risky else gi for i, gi in enumerate(g)]
     pruned = select_smallest(g, k, kept)
-    if scope == 'global' and any(bool(p.all()) for l, p in zip(heads, pruned) if not l.grouping.nm):
-        pruned = select_smallest(_protect_best(heads, g), k, kept)
+    if scope == 'global' and any(_all(p) for l, p in zip(heads, pruned) if not l.grouping.nm): # the sample's bound missed: rare
+        g = _protect_best(heads, g); pruned = select_smallest(g, k, kept)
+    plan = None
+    if ahead is not None and ahead > k and not lazy:
+        plan = _plan(heads, g, pruned, ahead, kept, scope) + ({l.name: tops[l.name] for u in units for l in u if l.name in tops},)
     kept = None # let the old masks go as the new ones are made: memory stays near the masks' size
     for i, u in enumerate(units):
         keep, pruned[i] = pruned[i].logical_not_(), None # in place, and let go as we go: memory stays near the masks' size
         for j, l in enumerate(u):
-            si = self._scores(l) if l.grouping.nm else None # N:M masks need the weight scores again
-            self.masks[l.name] = l.grouping.make_mask(keep if j == 0 else keep.clone(), si).to(l.weight.device)
+            top = tops.pop(l.name, None) if not lazy else None
+            si = self._scores(l) if l.grouping.nm and top is None else None # N:M masks need the weight scores again
+            self.masks[l.name] = l.grouping.make_mask(keep if j == 0 else keep.clone(), si, top).to(l.weight.device)
+    return plan
 
 # %% ../nbs/06_sparsifier.ipynb #73ed5e26
 @patch
-def update(self:Sparsifier, share:float=1., force:bool=False)->bool:
+def update(self:Sparsifier,
+           share:float=1., # the share of the target sparsity to reach
+           force:bool=False, # rank every pool again, even where the group count did not change
+           ahead:float=None, # a later share: also rank the groups to prune up to it, which later updates take without scoring
+           fresh:bool=False, # drop the queues `ahead` made: pools whose count changed are ranked again
+          )->bool: # whether a mask changed
     "Recompute the masks whose group count changed at `share` of the target, then apply them"
     share = check_sparsity(share, 'share', 'share is the part of the target sparsity to reach')
+    if fresh or force: self.plans = {}
     new = self.group_counts(share)
+    later = {} if ahead is None else self.group_counts(check_sparsity(ahead, 'ahead', 'a later share of the target'))
     changed = [key for key, k in new.items() if force or self.counts.get(key) != k]
-    pools = self._pools()
+    pools, self.ranked = self._pools(), []
     with (self.graph.caching() if self.graph is not None else contextlib.nullcontext()): # neighbours' norms, once per update
-        for key in changed: self._compute(pools[key], new[key], 'global' if key == '*' else 'local')
+        for key in changed:
+            if not force and self._from_plan(key, pools[key], new[key]): continue
+            self.plans.pop(key, None); self.ranked.append(key)
+            plan = self._compute(pools[key], new[key], 'global' if key == '*' else 'local', later.get(key))
+            if plan is not None: self.plans[key] = dict(order=plan, base=new[key], at=new[key])
+        for key in (later if fresh else ()): # a count that did not change: queue what comes next, the masks as they are
+            units = pools[key]
+            if key in changed or later[key] <= new[key] or self.counts.get(key) != new[key] or any(l.grouping.nm for u in units for l in u) \
+               or sum(l.grouping.numel for u in units for l in u) > _LAZY_ABOVE: continue
+            self.ranked.append(key)
+            plan = self._compute(units, new[key], 'global' if key == '*' else 'local', later[key], queue_only=True)
+            self.plans[key] = dict(order=plan, base=new[key], at=new[key])
     changed = self._from_rank0(new, changed) # under torch.distributed: rank 0's masks on every rank
     self.counts.update(new)
     if changed: self.apply()
@@ -618,6 +688,24 @@ def prune(self:Sparsifier, sparsity:float=None):
         self.targets = {n: (v if n in self.local_only else self.sparsity) for n, v in self.targets.items()}
     self.update(1., force=True)
     return self
+
+# %% ../nbs/06_sparsifier.ipynb #771a0c2a
+@patch
+def _from_plan(self:Sparsifier, key, units, k)->bool:
+    "Prune pool `key` to `k` groups from its plan, without scoring, if the plan covers the way from its current count to `k`"
+    p = self.plans.get(key)
+    if p is None or p['at'] != self.counts.get(key) or not p['at'] <= k <= p['base'] + len(p['order'][0]): return False
+    us, idx = (t[p['at'] - p['base']:k - p['base']] for t in p['order'][:2])
+    for u in us.unique().tolist():
+        sel = idx[us == u]
+        for l in units[u]: # a new mask, not the old one changed: whoever holds the old masks sees what changed
+            m = self.masks[l.name].clone()
+            if l.grouping.nm: l.grouping.prune_blocks(m, sel, p['order'][2][l.name])
+            else: m.view(-1)[sel.to(m.device)] = False
+            self.masks[l.name] = m
+    p['at'] = k
+    return True
+
 
 # %% ../nbs/06_sparsifier.ipynb #4b348ca7
 import torch.distributed as dist
@@ -794,6 +882,8 @@ def report(self:Sparsifier)->pd.DataFrame:
 def state_dict(self:Sparsifier)->dict:
     "Masks, group counts and criterion state, on the CPU"
     return dict(masks={k: m.cpu() for k, m in self.masks.items()}, counts=dict(self.counts),
+                plans={k: dict(p, order=(*(t.cpu() for t in p['order'][:2]), {n: t.cpu() for n, t in p['order'][2].items()}))
+                       for k, p in self.plans.items()},
                 state={k: {n: t.cpu() for n, t in s.items()} for k, s in self.state.items()},
                 layers=[l.name for l in self.layers], granularity=self.granularity, scope=self.scope,
                 criterion=repr(self.criterion), sparsity=self.sparsity, by_magnitude=sorted(self.by_magnitude))
@@ -810,6 +900,7 @@ def load_state_dict(self:Sparsifier, sd:dict):
     dev = {l.name: l.weight.device for l in self.layers}
     self.masks = {k: m.to(dev[k]) for k, m in sd['masks'].items()}
     self.counts = dict(sd['counts'])
+    self.plans = {k: dict(p, order=tuple(p['order'])) for k, p in sd.get('plans', {}).items()}
     self.by_magnitude = set(sd.get('by_magnitude', ()))
     for k, s in sd['state'].items():
         for n, t in s.items(): self.state[k][n].copy_(t)

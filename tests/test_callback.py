@@ -329,7 +329,7 @@ def test_update_every_holds_masks_between_updates(dls):
 # ---------------------------------------------------------------- recorder, silence, inert
 
 def test_recorder_columns_and_history(dls):
-    learn = mk(dls, cbs=SparsifyCallback(0.9))
+    learn = mk(dls, cbs=SparsifyCallback(0.9, update_every=1)) # the exact path: the masks follow the schedule at every step
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out): quiet_fit(learn, 2)
     assert out.getvalue() == '' # silent under no_bar/no_logging

@@ -398,3 +398,51 @@ def test_equal_scores_keep_the_groups_pruned_already():
         model.zero_grad(); model(x).sum().backward(); sp.mask_grads(); sp.accumulate()
         sp.update(share)
         for k, m in sp.masks.items(): assert not (~prev[k] & m).any(), f"a pruned weight of `{k}` came back at share {share}"
+
+
+# ---------------------------------------------------------------- global scope: one selection (issue 14)
+
+@pytest.mark.parametrize('seed', range(6))
+def test_global_selection_protects_exactly_as_protecting_every_layer(seed):
+    """Global scope keeps each layer's best group. The engine protects only the layers a sample says could lose all
+    (one selection instead of two); the masks equal those of protecting every layer's best group up front"""
+    from fasterprune.sparsifier import _protect_best, _at_risk, select_smallest
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(64, 32), (3, 4), (48, 48), (2, 2), (10, 64)]
+    model = nn.Sequential(*[nn.Linear(i, o) for o, i in sizes])
+    with torch.no_grad():
+        for j, m in enumerate(model): m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (0.01 if j in (1, 3) else 1))
+    for s in (0.5, 0.9, 0.99):
+        sp = Sparsifier(model, s, 'weight', 'large_final', 'global', include='*')
+        units = sp._pools()['*']
+        heads, k = [u[0] for u in units], sp.group_counts(1.)['*']
+        ref = select_smallest(_protect_best(heads, sp._group_scores(units, 'global')), k)
+        if s == 0.99: assert _at_risk(heads, sp._group_scores(units, 'global'), k) # the small layers are at risk here
+        sp.update(1.)
+        for l, r in zip(heads, ref): assert torch.equal(sp.masks[l.name].reshape(-1), ~r), (s, l.name)
+        assert all(bool(sp.masks[l.name].any()) for l in heads) # no layer emptied
+
+
+# ---------------------------------------------------------------- ranking every few steps, pruning at every step (issue 14)
+
+@pytest.mark.parametrize('granularity,scope', [('weight', 'local'), ('weight', 'global'), ('filter', 'global'), ('2:4', 'global')])
+def test_queue_gives_every_steps_masks_and_ranks_again_when_it_must(granularity, scope):
+    """`update(share, ahead=...)` queues the next groups; updates within the queue score nothing and give the masks of a
+    ranking at every step (weights still); a schedule that turns down, or goes past the queue, ranks again"""
+    from fasterprune.schedules import dsd
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(), nn.Linear(16 * 4 * 4, 12))
+    twin = nn.Sequential(nn.Conv2d(4, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(), nn.Linear(16 * 4 * 4, 12))
+    twin.load_state_dict(model.state_dict())
+    sp, ref = (Sparsifier(m, 0.5, granularity, 'large_final', scope, include='*') for m in (model, twin))
+    shares = [dsd(i / 49) for i in range(50)] # up to the target by the middle, then back down
+    ranked = []
+    for i, s in enumerate(shares):
+        sp.update(s, force=i % 10 == 0, ahead=shares[min(49, i + 10)])
+        ranked.append(bool(sp.ranked))
+        if i == 15: sd = sp.state_dict() # a queue in progress, for a checkpoint
+        ref.update(s)
+        for k in ref.masks: assert torch.equal(sp.masks[k], ref.masks[k]), (i, k)
+    assert not any(ranked[i] for i in range(1, 20) if i % 10) # within a queue on the way up: nothing scored
+    assert any(ranked[i] for i in range(26, 50) if i % 10) # on the way down the queue does not apply: ranked again
+    assert sd['plans'] and all(isinstance(p['order'][0], torch.Tensor) and p['base'] <= p['at'] for p in sd['plans'].values())

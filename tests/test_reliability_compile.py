@@ -40,7 +40,7 @@ class Watch(Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('cfg', [dict(scope='global', criterion='movement'), dict(granularity='filter', exclude='fc')],
+@pytest.mark.parametrize('cfg', [dict(scope='global', criterion='movement', update_every=1), dict(granularity='filter', exclude='fc', update_every=1)],
                          ids=['global-movement', 'filter'])
 def test_compiled_model_keeps_pruned_weights_zero(cfg):
     torch._dynamo.reset()

@@ -54,6 +54,7 @@ BN_CONFIGS = OrderedDict([
     ('cnn-global-random-filter', dict(scope='global', criterion='random', granularity='filter')),
     ('cnn-global-taylor-filter', dict(scope='global', criterion='taylor', granularity='filter')),
     ('cnn-global-movement', dict(scope='global', criterion='movement')),
+    (AUTO := 'cnn-global-auto-cadence', dict(scope='global', update_every='auto')), # under a fixed clock, another budget per rank
 ])
 DISTRIB_CTX = 'fastai-distrib_ctx-lookahead_bn-filter' # the same first configuration through fastai's `distrib_ctx`
 
@@ -144,7 +145,15 @@ def fit(cfg, rank=None, cnn=False, distrib_ctx=False):
     model = make_cnn() if cnn else make_model()
     torch.manual_seed(1000 + (rank or 0)) # a global RNG that differs between ranks: nothing may depend on it
     probe = Probe()
-    cbs = ([DDP()] if rank is not None and not distrib_ctx else []) + [SparsifyCallback(SPARSITY, **cfg), probe]
+    # an int `update_every` unless the configuration says 'auto': runs are compared, and 'auto' times its cadence
+    sparsify = SparsifyCallback(SPARSITY, **{'update_every': 1, **cfg})
+    cbs = ([DDP()] if rank is not None and not distrib_ctx else []) + [sparsify, probe]
+    if sparsify.update_every == 'auto':
+        import fasterprune.callback as fcb
+        class Clock: # every reading one second later: a recompute and a step each "take" one second
+            now = 0.
+            def perf_counter(self): self.now += 1.; return self.now
+        fcb.time, sparsify.budget, sparsify.min_rankings = Clock(), (0.02 if not rank else 1.), 1 # alone, rank 1 would choose 1, rank 0 16
     dls = dls_for(None if distrib_ctx else rank, cnn, bs=BS if distrib_ctx else None) # `distrib_ctx` splits the data
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=cbs)
     with learn.no_bar(), learn.no_logging():
@@ -157,11 +166,13 @@ def fit(cfg, rank=None, cnn=False, distrib_ctx=False):
             DistributedDL._broadcast = _broadcast
             with learn.distrib_ctx(sync_bn=False, cpu=True): learn.fit_one_cycle(EPOCHS, LR)
         else: learn.fit_one_cycle(EPOCHS, LR)
+    import time, fasterprune.callback as fcb
+    fcb.time = time # the real clock again
     sp = learn.sparsify.sparsifier
     return dict(masks=dict(sp.masks), state=sp.state, counts=sp.counts, weights=learn.model.state_dict(),
                 params={k: p.detach().clone() for k, p in learn.model.named_parameters()},
                 synced=probe.synced, losses=probe.losses, digests=probe.digests, bn_digests=probe.bn_digests,
-                model_type=type(learn.model).__name__)
+                model_type=type(learn.model).__name__, cadence=learn.sparsify.cadence)
 
 
 def rank_local_masks(rank, broadcast):
@@ -275,6 +286,12 @@ def test_ddp_lookahead_bn_reads_rank_local_statistics(ranks, name):
     r0, r1 = ranks[0][name], ranks[1][name]
     assert len(r0['bn_digests']) == EPOCHS * N_BATCHES
     assert sum(a != b for a, b in zip(r0['bn_digests'], r1['bn_digests'])) > EPOCHS * N_BATCHES // 2
+
+
+@pytest.mark.slow
+def test_ddp_auto_cadence_is_rank0s(ranks):
+    "`update_every='auto'` chooses its cadence from each rank's timings: every rank takes rank 0's, so they recompute together"
+    assert ranks[0][AUTO]['cadence'] == ranks[1][AUTO]['cadence'] == 16 # rank 0's: 1/16 <= 0.02 is capped by the fit's 18 steps
 
 
 @pytest.mark.slow

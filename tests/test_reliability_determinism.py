@@ -39,7 +39,8 @@ def same(a, b):
         else: assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize('cfg', [dict(scope='global'), dict(criterion='movement', granularity='filter', exclude='fc'),
+# an int `update_every`: the default 'auto' chooses its cadence from measured time (see test_cadence.py for its own determinism)
+@pytest.mark.parametrize('cfg', [dict(scope='global', update_every=1), dict(criterion='movement', granularity='filter', exclude='fc', update_every=1),
                                  dict(criterion='random', scope='global', update_every=3)],
                          ids=['global', 'movement-filter', 'random-global'])
 def test_same_seed_same_masks(cfg):

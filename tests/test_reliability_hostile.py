@@ -113,7 +113,7 @@ POOLS = {
                        BAD: [[0.5], 'fc', {'nomatch': 0.2}, {'fc': 2}, {'fc': 'x'}, {'fc': None}, {'fc': math.nan},
                              {'fc': True}, {3: 0.5}, {'conv': -0.5}]},
     'reduce': {OK: ['mean', 'sum', 'l2', 'max'], BAD: ['median', None, 2, 'L2']},
-    'update_every': {OK: [None, 1, 3, 100], BAD: [0, -1, 1.5, '3', True, math.nan, np.int64(3)]},
+    'update_every': {OK: [None, 'auto', 1, 3, 100], BAD: [0, -1, 1.5, '3', True, math.nan, np.int64(3)]},
     'lth': {OK: [False, True], BAD: ['yes', 1, None, 0]},
     'rewind_epoch': {OK: [0, 1, 5], BAD: [-1, 0.5, '0', None, True]},
     'links': {OK: [None, [], [['conv']], no_links],

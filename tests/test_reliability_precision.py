@@ -96,7 +96,7 @@ class CPUMixedPrecision(MixedPrecision):
 
 
 @pytest.mark.parametrize('mode', ['fp16', 'bf16'])
-@pytest.mark.parametrize('cfg', [dict(scope='global', criterion='movement'), dict(criterion='taylor', update_every=5)],
+@pytest.mark.parametrize('cfg', [dict(scope='global', criterion='movement', update_every=1), dict(criterion='taylor', update_every=5)],
                          ids=['global-movement', 'taylor-update_every'])
 def test_mixed_precision_with_loss_scaling(mode, cfg):
     """Autocast, loss scaling and overflowing steps: the callback masks the (scaled) gradients, learns only from

@@ -1,0 +1,108 @@
+"""The default mask-update cadence, `update_every='auto'` (issue 14): the counts follow the schedule at every step, the
+weights are ranked again every `cadence` steps (chosen from measured time), and a resumed fit ranks where the
+uninterrupted one did.
+
+Timing-dependent choices are tested under a fixed clock (`Clock`), so that they are deterministic."""
+import math, warnings
+import pytest
+import torch
+from fastai.basics import Learner, CrossEntropyLossFlat, set_seed
+from fastai.callback.all import SaveModelCallback
+from fastai.callback.schedule import fit_one_cycle # noqa: F401 (patches Learner)
+
+import fasterprune.callback as fcb
+from fasterprune.callback import SparsifyCallback
+from fasterprune.schedules import one_cycle, one_shot
+from fasterprune.demo import digits_dls, small_cnn
+
+
+@pytest.fixture(scope='module')
+def dls(): return digits_dls(bs=64, shuffle=False)
+
+def mk(dls, cb, path='.', seed=0):
+    set_seed(seed)
+    return Learner(dls, small_cnn(), loss_func=CrossEntropyLossFlat(), path=path, cbs=cb)
+
+def quiet_fit(learn, n=2, **kwargs):
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(n, 1e-2, **kwargs)
+    return learn
+
+class Clock:
+    "A `time` stand-in whose every reading is one second after the last: a recompute and a training step each take one second"
+    def __init__(self): self.now = 0.
+    def perf_counter(self): self.now += 1.; return self.now
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(fcb, 'time', c)
+    return c
+
+def recomputes(cb):
+    "The optimizer steps (batch indices of the fit) at which the achieved sparsity changed"
+    a = cb._hist['achieved']
+    return [i for i in range(1, len(a)) if a[i] != a[i - 1]]
+
+ROUNDING = 2e-3 # the masks prune whole groups: the achieved sparsity is the target rounded per layer
+
+
+def test_default_is_auto_and_ends_exact(dls):
+    cb = SparsifyCallback(0.9)
+    assert cb.update_every == 'auto' and cb.cadence is None and SparsifyCallback(0.9, update_every=None).update_every == 'auto'
+    quiet_fit(mk(dls, cb), 3)
+    assert cb.cadence >= 1 and cb.cadence & (cb.cadence - 1) == 0 # a power of two, chosen in this fit
+    assert set(cb.timing) == {'step_ms', 'update_ms'} and all(v > 0 for v in cb.timing.values())
+    assert cb._hist['achieved'][-1] == pytest.approx(0.9, abs=1e-3) # the last step recomputes: the final count is exact
+    assert cb.sparsifier.counts == cb.sparsifier.group_counts(1.)
+    assert cb.max_gap == max(abs(t - a) for t, a in zip(cb._hist['target'], cb._hist['achieved']))
+    assert cb.max_gap < ROUNDING # the counts follow the schedule at every step, between rankings too
+
+
+@pytest.mark.parametrize('budget,min_rankings,cadence', [(0.02, 32, 2), (0.02, 1, 64), (0.25, 1, 4), (1., 1, 1)])
+def test_cadence_from_the_timed_costs(dls, clock, budget, min_rankings, cadence):
+    "Ranking ÷ step = 1 under the fixed clock: cadence = the smallest power of two n with 1 / n <= budget, and at most steps / min_rankings"
+    cb = SparsifyCallback(0.9)
+    cb.budget, cb.min_rankings = budget, min_rankings
+    quiet_fit(mk(dls, cb), 3) # 69 steps: 69 // 32 = 2 caps the first case
+    assert cb.cadence == cadence and cb.timing == dict(step_ms=1e3, update_ms=1e3)
+    steps = 3 * len(dls.train)
+    pools = len(cb.sparsifier._pools()) # after the timed steps, each pool is ranked once more when its count next changes
+    assert cb.n_updates <= 4 + pools + math.ceil(steps / cadence) + 1 # timed, first queues, one every `cadence` steps, the last
+    if cadence == 1: assert cb.n_updates == steps
+    assert cb.max_gap < ROUNDING and len(recomputes(cb)) > steps // 2 # the masks change at most steps all the same
+
+
+def test_auto_takes_a_jump_at_once(dls, clock):
+    "With a step schedule (one_shot) the jump is taken at once, even with a long cadence"
+    cb = SparsifyCallback(0.8, schedule=one_shot)
+    quiet_fit(mk(dls, cb), 2)
+    jump = next(i for i, t in enumerate(cb._hist['target']) if t > 0)
+    assert cb._hist['achieved'][jump] == pytest.approx(0.8, abs=1e-3) and cb.max_gap < 2e-3
+
+
+@pytest.mark.parametrize('bad', [0, -2, 'every', 1.5, True])
+def test_bad_update_every_names_what_is_allowed(bad):
+    with pytest.raises(ValueError, match="`update_every` must be 'auto'"): SparsifyCallback(0.9, update_every=bad)
+
+
+def test_resumed_auto_fit_recomputes_where_the_uninterrupted_one_did(dls, tmp_path, monkeypatch):
+    "A checkpoint keeps the cadence and where the last recompute was: the resumed fit ends with the same masks and weights"
+    def cb():
+        c = SparsifyCallback(0.85, scope='global')
+        c.budget, c.min_rankings = 0.25, 1 # cadence 4 under the clock: when the last ranking was decides when the next one is
+        return c
+    monkeypatch.setattr(fcb, 'time', Clock())
+    full = quiet_fit(mk(dls, cb(), tmp_path/'full'), 3)
+    monkeypatch.setattr(fcb, 'time', Clock())
+    run = quiet_fit(mk(dls, cb(), tmp_path/'run'), 3, cbs=SaveModelCallback(every_epoch=True, with_opt=True, fname='ckpt'))
+    assert run.sparsify.cadence == full.sparsify.cadence == 4
+    monkeypatch.setattr(fcb, 'time', Clock())
+    resumed = mk(dls, cb(), tmp_path/'run', seed=1).load('ckpt_0', with_opt=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        quiet_fit(resumed, 3, start_epoch=1)
+    a, b = full.sparsify, resumed.sparsify
+    assert b.cadence == 4 and b.timing is None # from the checkpoint: not timed again
+    assert [s for s in recomputes(a) if s > len(dls.train)] == [s + len(dls.train) for s in recomputes(b)]
+    for k, m in a.sparsifier.masks.items(): assert torch.equal(m, b.sparsifier.masks[k]), k
+    for k, w in full.model.state_dict().items(): assert torch.equal(w, resumed.model.state_dict()[k]), k
