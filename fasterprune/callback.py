@@ -390,10 +390,9 @@ def before_batch(self:SparsifyCallback):
     last = self.epoch == self.n_epoch - 1 and self.iter == self.n_iter - 1 # skipped batches cannot keep the last one from the target
     share = float(self.schedule(1. if last else self.pos))
     self._target = self.sparsity * share
-    auto = self.update_every == 'auto'
-    if auto or self._due(last):
+    auto, rank = self.update_every == 'auto', self._due(last) # 'auto' between rankings: a changed count takes the queued groups
+    if auto or rank:
         old, t = ({} if self._clean_all else dict(self.sparsifier.masks)), time.perf_counter()
-        rank = self._due(last) # 'auto' between two rankings: a count that changed takes the groups the last one queued
         queue = auto and not last and (self.cadence or 1) > 1 # ranking at every step (cadence 1, or still timing): no queue
         try: changed = self._update(share, force=rank and not auto, fresh=rank, ahead=self._ahead(rank) if queue else None)
         except FloatingPointError as e: # the engine names the layer; say when, too

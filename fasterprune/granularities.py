@@ -162,17 +162,22 @@ def _blocks(self:Grouping, t):
     "`t` (weight-shaped) as rows of M consecutive values along the input dim"
     return t.movedim(self.in_dim, -1).reshape(-1, self.nm[1])
 
+@patch(as_prop=True)
+def _nm_dims(self:Grouping)->tuple:
+    "N:M: (weights before the input dim, blocks along it, M, weights after it)"
+    d, M = self.in_dim % len(self.shape), self.nm[1]
+    return math.prod(self.shape[:d]), self.shape[d] // M, M, math.prod(self.shape[d + 1:])
+
 @patch
 def _in_place(self:Grouping, t):
     "`t` (weight-shaped, contiguous) as (A, M, B), a view: block (a, b) is `t[a, :, b]`; flattened (a, b) is not `_blocks`' order"
-    d, M = self.in_dim % len(self.shape), self.nm[1]
-    return t.reshape(math.prod(self.shape[:d]) * self.shape[d] // M, M, math.prod(self.shape[d + 1:]))
+    pre, k, M, post = self._nm_dims
+    return t.reshape(pre * k, M, post)
 
 @patch
 def _block_order(self:Grouping, t, back:bool=False):
     "A per-block tensor from `_in_place`'s (A, B) order to `_blocks`' flat order (with `back`, the other way, as (A, 1, B))"
-    d, M = self.in_dim % len(self.shape), self.nm[1]
-    pre, k, post = math.prod(self.shape[:d]), self.shape[d] // M, math.prod(self.shape[d + 1:])
+    pre, k, _, post = self._nm_dims
     if back: return t.reshape(pre, post, k).transpose(1, 2).reshape(pre * k, 1, post)
     return t.reshape(pre, k, post).transpose(1, 2).reshape(-1)
 
@@ -214,8 +219,7 @@ def prune_blocks(self:Grouping,
                  top:torch.Tensor, # which entries each block keeps once pruned, from `nm_split`
                 ):
     "N:M only: prune `blocks` of `mask` to the entries `top` keeps"
-    d, M = self.in_dim % len(self.shape), self.nm[1]
-    k, post = self.shape[d] // M, math.prod(self.shape[d + 1:])
+    _, k, _, post = self._nm_dims
     blocks = blocks.to(mask.device)
     a, b = (blocks // (post * k)) * k + blocks % k, (blocks // k) % post # `_blocks`' order is (before, after, block along the input dim)
     self._in_place(mask)[a, :, b] = top.to(mask.device)[a, :, b]

@@ -599,8 +599,7 @@ def _queue(self:Sparsifier, units, scope, ahead:int):
     heads = [u[0] for u in units]
     kept = [self.masks[l.name].reshape(-1) if l.name in self.masks else torch.ones(l.grouping.n_groups, dtype=torch.bool, device=l.weight.device)
             for l in heads]
-    g = self._group_scores(units, scope)
-    return _plan(heads, g, [~k for k in kept], ahead, kept, scope) + ({},)
+    return _plan(heads, self._group_scores(units, scope), [~k for k in kept], ahead, kept, scope)
 
 @patch
 def _kept_now(self:Sparsifier, heads):
@@ -609,8 +608,8 @@ def _kept_now(self:Sparsifier, heads):
     if any(m is None or l.grouping.nm for l, m in zip(heads, ms)): return None
     return [m.reshape(-1) for m in ms]
 
-def _plan(heads, g, pruned, ahead, kept, scope)->tuple:
-    "(unit, group) pairs in the order the next selections take them, up to the `ahead` smallest of `g`: those `pruned` does not hold yet"
+def _plan(heads, g, pruned, ahead, kept, scope, tops:dict=None)->dict:
+    "The queue: units and groups in the order the next selections take them, up to the `ahead` smallest of `g`: those `pruned` does not hold yet"
     later = select_smallest(g, ahead, kept)
     if scope == 'global' and any(_all(p) for l, p in zip(heads, later)): later = select_smallest(_protect_best(heads, g), ahead, kept)
     us, idx, sc = [], [], []
@@ -619,11 +618,11 @@ def _plan(heads, g, pruned, ahead, kept, scope)->tuple:
         new = np.flatnonzero(a > b) # taken at `ahead`, not pruned now
         us.append(np.full(len(new), i)); idx.append(new); sc.append(gi[new])
     order = np.argsort(np.concatenate(sc), kind='stable') # equal scores: the earlier unit, then the earlier group, as `select_smallest`
-    return torch.from_numpy(np.concatenate(us)[order]), torch.from_numpy(np.concatenate(idx)[order])
+    return dict(unit=torch.from_numpy(np.concatenate(us)[order]), group=torch.from_numpy(np.concatenate(idx)[order]), tops=tops or {})
 
 @patch
 def _select(self:Sparsifier, units, k, scope, ahead:int=None):
-    "Masks for the `k` smallest groups of `units`; with `ahead` > `k`, return the plan of the next ones too (not for N:M or huge pools)"
+    "Masks for the `k` smallest groups of `units`; with `ahead` > `k`, return the queue of the next ones too (not for huge pools)"
     heads = [u[0] for u in units] # a unit's members share its number of groups
     lazy = sum(l.grouping.numel for u in units for l in u) > _LAZY_ABOVE
     if lazy: g = [LazyScores(lambda u=u: self._group_scores([u], scope)[0], l.grouping.n_groups, l.weight.device) for u, l in zip(units, heads)]
@@ -637,7 +636,7 @@ def _select(self:Sparsifier, units, k, scope, ahead:int=None):
         g = _protect_best(heads, g); pruned = select_smallest(g, k, kept)
     plan = None
     if ahead is not None and ahead > k and not lazy:
-        plan = _plan(heads, g, pruned, ahead, kept, scope) + ({l.name: tops[l.name] for u in units for l in u if l.name in tops},)
+        plan = _plan(heads, g, pruned, ahead, kept, scope, {l.name: tops[l.name] for u in units for l in u if l.name in tops})
     kept = None # let the old masks go as the new ones are made: memory stays near the masks' size
     for i, u in enumerate(units):
         keep, pruned[i] = pruned[i].logical_not_(), None # in place, and let go as we go: memory stays near the masks' size
@@ -667,14 +666,14 @@ def update(self:Sparsifier,
             if not force and self._from_plan(key, pools[key], new[key]): continue
             self.plans.pop(key, None); self.ranked.append(key)
             plan = self._compute(pools[key], new[key], 'global' if key == '*' else 'local', later.get(key))
-            if plan is not None: self.plans[key] = dict(order=plan, base=new[key], at=new[key])
+            if plan is not None: self.plans[key] = dict(plan, base=new[key], at=new[key])
         for key in (later if fresh else ()): # a count that did not change: queue what comes next, the masks as they are
             units = pools[key]
-            if key in changed or later[key] <= new[key] or self.counts.get(key) != new[key] or any(l.grouping.nm for u in units for l in u) \
+            if key in changed or later[key] <= new[key] or any(l.grouping.nm for u in units for l in u) \
                or sum(l.grouping.numel for u in units for l in u) > _LAZY_ABOVE: continue
             self.ranked.append(key)
             plan = self._compute(units, new[key], 'global' if key == '*' else 'local', later[key], queue_only=True)
-            self.plans[key] = dict(order=plan, base=new[key], at=new[key])
+            self.plans[key] = dict(plan, base=new[key], at=new[key])
     changed = self._from_rank0(new, changed) # under torch.distributed: rank 0's masks on every rank
     self.counts.update(new)
     if changed: self.apply()
@@ -694,13 +693,13 @@ def prune(self:Sparsifier, sparsity:float=None):
 def _from_plan(self:Sparsifier, key, units, k)->bool:
     "Prune pool `key` to `k` groups from its plan, without scoring, if the plan covers the way from its current count to `k`"
     p = self.plans.get(key)
-    if p is None or p['at'] != self.counts.get(key) or not p['at'] <= k <= p['base'] + len(p['order'][0]): return False
-    us, idx = (t[p['at'] - p['base']:k - p['base']] for t in p['order'][:2])
+    if p is None or p['at'] != self.counts.get(key) or not p['at'] <= k <= p['base'] + len(p['unit']): return False
+    us, idx = (p[n][p['at'] - p['base']:k - p['base']] for n in ('unit', 'group'))
     for u in us.unique().tolist():
         sel = idx[us == u]
         for l in units[u]: # a new mask, not the old one changed: whoever holds the old masks sees what changed
             m = self.masks[l.name].clone()
-            if l.grouping.nm: l.grouping.prune_blocks(m, sel, p['order'][2][l.name])
+            if l.grouping.nm: l.grouping.prune_blocks(m, sel, p['tops'][l.name])
             else: m.view(-1)[sel.to(m.device)] = False
             self.masks[l.name] = m
     p['at'] = k
@@ -882,8 +881,7 @@ def report(self:Sparsifier)->pd.DataFrame:
 def state_dict(self:Sparsifier)->dict:
     "Masks, group counts and criterion state, on the CPU"
     return dict(masks={k: m.cpu() for k, m in self.masks.items()}, counts=dict(self.counts),
-                plans={k: dict(p, order=(*(t.cpu() for t in p['order'][:2]), {n: t.cpu() for n, t in p['order'][2].items()}))
-                       for k, p in self.plans.items()},
+                plans={k: dict(p, tops={n: t.cpu() for n, t in p['tops'].items()}) for k, p in self.plans.items()},
                 state={k: {n: t.cpu() for n, t in s.items()} for k, s in self.state.items()},
                 layers=[l.name for l in self.layers], granularity=self.granularity, scope=self.scope,
                 criterion=repr(self.criterion), sparsity=self.sparsity, by_magnitude=sorted(self.by_magnitude))
@@ -900,7 +898,7 @@ def load_state_dict(self:Sparsifier, sd:dict):
     dev = {l.name: l.weight.device for l in self.layers}
     self.masks = {k: m.to(dev[k]) for k, m in sd['masks'].items()}
     self.counts = dict(sd['counts'])
-    self.plans = {k: dict(p, order=tuple(p['order'])) for k, p in sd.get('plans', {}).items()}
+    self.plans = {k: dict(p) for k, p in sd.get('plans', {}).items()}
     self.by_magnitude = set(sd.get('by_magnitude', ()))
     for k, s in sd['state'].items():
         for n, t in s.items(): self.state[k][n].copy_(t)

@@ -445,4 +445,4 @@ def test_queue_gives_every_steps_masks_and_ranks_again_when_it_must(granularity,
         for k in ref.masks: assert torch.equal(sp.masks[k], ref.masks[k]), (i, k)
     assert not any(ranked[i] for i in range(1, 20) if i % 10) # within a queue on the way up: nothing scored
     assert any(ranked[i] for i in range(26, 50) if i % 10) # on the way down the queue does not apply: ranked again
-    assert sd['plans'] and all(isinstance(p['order'][0], torch.Tensor) and p['base'] <= p['at'] for p in sd['plans'].values())
+    assert sd['plans'] and all(isinstance(p['unit'], torch.Tensor) and p['base'] <= p['at'] for p in sd['plans'].values())
