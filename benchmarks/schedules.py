@@ -60,7 +60,7 @@ OUT = ROOT / CFG.reports_path
 CSV, META, PNG = OUT / 'schedules.csv', OUT / 'schedules.json', OUT / 'schedules.png'
 SECTION = '## One-Cycle schedules (issue 5)'
 CADENCE_CSV, CADENCE_SECTION = OUT / 'schedules_cadence.csv', '## Mask-update cadence and accuracy (issue 14)'
-CADENCES = ['1', 'auto', '16'] # `update_every` values of the cadence comparison: per-step (the reference) first
+CADENCES = ['1', 'auto', 'auto/8', '16'] # `update_every` values of the cadence comparison: per-step (the reference) first
 SCHEDULES = ['one_shot', 'iterative', 'agp', 'one_cycle']
 SPARSITIES = [0.8, 0.9, 0.95]
 # per dataset: model, epochs, learning rate (chosen once by `lr-check` on the dense model, then kept for every run)
@@ -153,11 +153,12 @@ def random_flip_cb():
 # ---------------------------------------------------------------- one fit
 
 def update_every_arg(v):
-    "An `--update-every` value: 'auto' or a positive integer, kept as its text ('1', 'auto', '16')"
+    "An `--update-every` value: 'auto', 'auto/N' or a positive integer, kept as its text ('1', 'auto', 'auto/8', '16')"
     if v == 'auto': return v
+    if v.startswith('auto/') and v[5:].isdigit() and int(v[5:]) > 0: return v
     try: n = int(v)
     except ValueError: n = 0
-    if n < 1: raise argparse.ArgumentTypeError(f"--update-every {v!r}: use 'auto' or a positive integer")
+    if n < 1: raise argparse.ArgumentTypeError(f"--update-every {v!r}: use 'auto', 'auto/N' or a positive integer")
     return str(n)
 
 def sparsify_cb(lib, schedule, sparsity, prune, update_every='1'):
@@ -166,9 +167,12 @@ def sparsify_cb(lib, schedule, sparsity, prune, update_every='1'):
     if lib == 'fasterprune':
         from fasterprune.callback import SparsifyCallback
         from fasterprune.schedules import builtin_schedules
-        return SparsifyCallback(sparsity, builtin_schedules[schedule], 'weight', 'large_final', 'local',
-                                include=nn.Conv2d if prune == 'conv' else None,
-                                update_every=update_every if update_every == 'auto' else int(update_every))
+        cb = SparsifyCallback(sparsity, builtin_schedules[schedule], 'weight', 'large_final', 'local',
+                              include=nn.Conv2d if prune == 'conv' else None,
+                              update_every=int(update_every) if update_every.isdigit() else 'auto')
+        if update_every.startswith('auto/'): # the stalest queue `min_rankings=N` allows: no time budget, rank every steps ÷ N
+            cb.budget, cb.min_rankings = 1e-9, int(update_every[5:])
+        return cb
     from fasterai.sparse.all import SparsifyCallback
     from fasterai.core.criteria import large_final
     from fasterai.core import schedule as fa_sched
@@ -487,6 +491,12 @@ EARLIER_AUTO = ("Why the counts follow every step: an earlier 'auto' held the ma
                 "per-step and 16-step rows came out identical to the earlier ones); the earlier 'auto' numbers are in "
                 "`nbs/11_schedules_repro.ipynb`.")
 
+MIN_RANKINGS = ("Why the default ranks at least 32 times per fit (`min_rankings`), even where the time budget would allow "
+                "fewer rankings: 'auto/8' ranks 8 to 16 times less often than 'auto' did here (every 32 steps on MNIST, 64 on "
+                "CIFAR), with the counts still following every step, and lost on every CIFAR seed, beyond the spread. The "
+                "order in which the weights go ages with the queue. On short fits this makes the default rank at every step "
+                "(a 50-step fit: 50 ÷ 32 < 2), at the cost of `update_every=1`.")
+
 PROTOCOL_SEEDS = [0, 1, 2] # the issue's: the seeds of the One-Cycle reproduction; further seeds are reported apart
 
 def cadence_stats(d, seeds=None):
@@ -510,7 +520,7 @@ def cadence_table(d, ds):
     "Markdown: seeds as rows, cadences as columns (accuracy, then each minus per-step), then what the callback reported"
     p = cadence_pairs(d).loc[ds]
     ues, others = list(p.columns), [c for c in p.columns if c != '1']
-    name = lambda ue: 'per step (1)' if ue == '1' else f"'{ue}'" if ue == 'auto' else ue
+    name = lambda ue: 'per step (1)' if ue == '1' else f"'{ue}'" if ue.startswith('auto') else ue
     lines = ['| seed | ' + ' | '.join(name(u) for u in ues) + ' | ' + ' | '.join(f'{name(u)} − per step' for u in others) + ' |',
              '|---' * (1 + len(ues) + len(others)) + '|']
     for seed, r in p.iterrows():
@@ -535,7 +545,7 @@ def cadence_findings(st):
     "The verdict, per dataset and cadence, in words"
     out = []
     for _, r in st.iterrows():
-        ue = f"'{r.update_every}'" if r.update_every == 'auto' else r.update_every
+        ue = f"'{r.update_every}'" if r.update_every.startswith('auto') else r.update_every
         out.append(f"{NAMES[r.dataset].split(',')[0]}, update_every={ue}: {r['mean']:+.2f} ± {r['std']:.2f} points "
                    f"(lower on {r.lost}/{r.n} seeds), " + ('within' if abs(r['mean']) <= r.spread else '**beyond**' if r['mean'] < 0
                    else 'higher by more than') +
@@ -551,7 +561,9 @@ def cadence_section(df, meta, ref=None, ref_meta={}):
              "`update_every='auto'` (the default: the pruned counts follow the schedule at every optimizer step; every "
              "`cadence` steps, n chosen from the measured step time so that ranking costs about 2 % of it, the weights are "
              "ranked and the groups to prune until the next ranking are queued in score order, and the steps in between "
-             "prune the next groups of that queue without scoring; the last step ranks again) and `update_every=16` (the "
+             "prune the next groups of that queue without scoring; the last step ranks again), `'auto/8'` (the same queue "
+             "with no time budget and `min_rankings=8`: a ranking every steps ÷ 8, rounded down to a power of two, the "
+             "stalest queue such a rule would allow; the default keeps at least 32 rankings per fit) and `update_every=16` (the "
              "masks recomputed every 16 steps and held in between, a forced coarse cadence, in case 'auto' picks n = 1 on "
              "models this small). Final validation accuracy (%), paired by seed (same initial weights, same batches); "
              "differences in points:", '']
@@ -568,7 +580,7 @@ def cadence_section(df, meta, ref=None, ref_meta={}):
     if len(auto): lines += ["'auto' measures the step and ranking times in the first steps of each fit, so the cadence n it "
                             "chooses can differ between runs of the same seed on a loaded machine: here " + '; '.join(
                                 f"{NAMES[ds].split(',')[0]} n = {counts(c)}" for ds, c in auto) + ".", '']
-    lines += [EARLIER_AUTO, '']
+    lines += [EARLIER_AUTO, '', MIN_RANKINGS, '']
     if ref is not None: # the per-step reruns against issue 5's rows of the same seeds: same results, or what moved
         old = cadence_rows(ref)
         old = old[old.update_every == '1'].set_index(['dataset', 'seed']).acc

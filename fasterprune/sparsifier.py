@@ -6,7 +6,7 @@ Docs: https://fasterprune.github.io/fasterprune/sparsifier.html.md"""
 
 # %% auto #0
 __all__ = ['scopes', 'LazyScores', 'kth_smallest', 'select_smallest', 'check_sparsity', 'ParamWeight', 'prunable_layers',
-           'unwrap_model', 'Sparsifier', 'check_links', 'mul_units']
+           'unwrap_model', 'Sparsifier', 'check_links', 'pruned_since', 'zero_at', 'mul_units']
 
 # %% ../nbs/06_sparsifier.ipynb #66014b76
 import math, numbers, fnmatch, contextlib, sys, warnings, re
@@ -378,6 +378,7 @@ class Sparsifier:
         self.state = {l.name: s for l in self.layers if (s := self.criterion.init_state(l)) is not None}
         self.masks, self.counts, self.by_magnitude, self._magnitude, self._warned = {}, {}, set(), set(), set()
         self.plans, self.ranked = {}, [] # per pool, the groups to prune next, in order; the pools the last update scored
+        self.pruned_now = {} # per layer whose mask the last update changed: flat indices of the weights it pruned, or None (see `update`)
 
     def __repr__(self):
         return (f"Sparsifier({len(self.layers)} layers, sparsity={self.sparsity}, granularity={self.granularity!r}, "
@@ -513,6 +514,65 @@ def group_counts(self:Sparsifier, share:float=1.)->dict:
             out[key] = min(_n_prunable(gr, self.targets[key] * share), _cap(gr))
     return out
 
+# %% ../nbs/06_sparsifier.ipynb #4b83d36c
+def pruned_since(old:torch.Tensor, # a bool mask
+                 new:torch.Tensor, # a later bool mask of the same layer
+                 most:int=None, # return None rather than more indices than this
+                )->torch.Tensor:
+    "Flat indices of the entries `old` keeps and `new` prunes (numpy on the CPU, where its bool operations are faster)"
+    cpu = new.device.type == 'cpu' and old.device.type == 'cpu'
+    d = old.contiguous().numpy() > new.contiguous().numpy() if cpu else (old.to(new.device) & ~new).reshape(-1)
+    if most is not None and int(np.count_nonzero(d) if cpu else d.sum()) > most: return None
+    return torch.from_numpy(np.flatnonzero(d)) if cpu else d.nonzero().squeeze(1)
+
+def zero_at(t:torch.Tensor, # a contiguous tensor, changed in place
+            idx:torch.Tensor, # flat indices into it
+           ):
+    "Zero the flat positions `idx` of `t`, in place"
+    if t.device.type == 'cpu' and t.dtype in (torch.float32, torch.float64, torch.float16): t.numpy().reshape(-1)[idx.numpy()] = 0
+    else: t.view(-1).index_fill_(0, idx.to(t.device), 0)
+
+def _per_weight(l, m)->bool:
+    "Whether mask `m` of layer `l` has one entry per weight, in the weight's order ('weight' and N:M), on a contiguous weight"
+    w = l.module.weight
+    return (l.grouping.name == 'weight' or bool(l.grouping.nm)) and m.numel() == w.numel() and w.is_contiguous() and m.device == w.device
+
+_FEW = 64 # indices are kept for at most 1/64 of a layer's weights (8 bytes each): more, and the layer's whole mask is applied
+
+@patch
+def _set_mask(self:Sparsifier, l, m, idx=None):
+    "Give layer `l` the new mask `m`, noting in `pruned_now` the flat indices of the weights it newly prunes (`idx`, if known), or None"
+    o = self.masks.get(l.name)
+    if o is None or not _per_weight(l, m) or o.shape != m.shape or o.device != m.device: idx = None
+    elif idx is None: idx = pruned_since(o, m, most=m.numel() // _FEW)
+    self.pruned_now[l.name] = idx if idx is not None and len(idx) <= m.numel() // _FEW else None
+    self.masks[l.name] = m
+
+@patch
+@torch.no_grad()
+def _apply_new(self:Sparsifier):
+    "Zero what the last update newly pruned: by index where `pruned_now` holds indices, else the layer's whole mask"
+    by_name = {l.name: l for l in self.layers}
+    for n, idx in self.pruned_now.items():
+        if idx is None: self._mask_tensors('data', [by_name[n]])
+        else: zero_at(by_name[n].module.weight.data, idx) # the weights pruned before are zero already (`mask_grads` keeps them so)
+
+@patch
+def apply(self:Sparsifier):
+    "Zero the pruned weights (and, for filters, their bias and BatchNorm) in place"
+    self._mask_tensors('data')
+
+@patch
+def mask_grads(self:Sparsifier):
+    "Zero the gradients of pruned weights (and, for filters, of their bias and BatchNorm)"
+    self._mask_tensors('grad')
+
+@patch
+def accumulate(self:Sparsifier):
+    "Let the criterion learn from the current gradients (call after `backward`)"
+    for l in self.layers:
+        if l.name in self.state: self.criterion.accumulate(l, self.state[l.name])
+
 # %% ../nbs/06_sparsifier.ipynb #e867e18a
 def _all(p)->bool:
     "Whether every entry of bool tensor `p` is True (numpy's check stops at the first False: free on a CPU)"
@@ -643,7 +703,7 @@ def _select(self:Sparsifier, units, k, scope, ahead:int=None):
         for j, l in enumerate(u):
             top = tops.pop(l.name, None) if not lazy else None
             si = self._scores(l) if l.grouping.nm and top is None else None # N:M masks need the weight scores again
-            self.masks[l.name] = l.grouping.make_mask(keep if j == 0 else keep.clone(), si, top).to(l.weight.device)
+            self._set_mask(l, l.grouping.make_mask(keep if j == 0 else keep.clone(), si, top).to(l.weight.device))
     return plan
 
 # %% ../nbs/06_sparsifier.ipynb #73ed5e26
@@ -654,9 +714,10 @@ def update(self:Sparsifier,
            ahead:float=None, # a later share: also rank the groups to prune up to it, which later updates take without scoring
            fresh:bool=False, # drop the queues `ahead` made: pools whose count changed are ranked again
           )->bool: # whether a mask changed
-    "Recompute the masks whose group count changed at `share` of the target, then apply them"
+    "Recompute the masks whose group count changed at `share` of the target, then zero the weights they prune"
     share = check_sparsity(share, 'share', 'share is the part of the target sparsity to reach')
     if fresh or force: self.plans = {}
+    self.pruned_now = {}
     new = self.group_counts(share)
     later = {} if ahead is None else self.group_counts(check_sparsity(ahead, 'ahead', 'a later share of the target'))
     changed = [key for key, k in new.items() if force or self.counts.get(key) != k]
@@ -676,7 +737,7 @@ def update(self:Sparsifier,
             self.plans[key] = dict(plan, base=new[key], at=new[key])
     changed = self._from_rank0(new, changed) # under torch.distributed: rank 0's masks on every rank
     self.counts.update(new)
-    if changed: self.apply()
+    if changed: self._apply_new()
     return bool(changed)
 
 @patch
@@ -701,7 +762,7 @@ def _from_plan(self:Sparsifier, key, units, k)->bool:
             m = self.masks[l.name].clone()
             if l.grouping.nm: l.grouping.prune_blocks(m, sel, p['tops'][l.name])
             else: m.view(-1)[sel.to(m.device)] = False
-            self.masks[l.name] = m
+            self._set_mask(l, m, sel if l.grouping.name == 'weight' else None) # a 'weight' group's index is its weight's
     p['at'] = k
     return True
 
@@ -736,6 +797,7 @@ def _from_rank0(self:Sparsifier,
         for n, part in zip(names, buf.split([self.masks[n].numel() for n in names])):
             m = self.masks[n]
             self.masks[n] = part.view(m.shape).to(m.device, m.dtype)
+            self.pruned_now[n] = None # rank 0's mask: applied whole
     return changed
 
 # %% ../nbs/06_sparsifier.ipynb #f16b5e20
@@ -759,8 +821,8 @@ def mul_units(t:torch.Tensor, # a per-unit tensor: a bias, a norm's γ or β, th
 
 @patch
 @torch.no_grad()
-def _mask_tensors(self:Sparsifier, attr):
-    for l in self.layers:
+def _mask_tensors(self:Sparsifier, attr, layers=None):
+    for l in (self.layers if layers is None else layers):
         m = self.masks.get(l.name)
         if m is None: continue
         w, extra = self._targets_of(l, attr)
@@ -772,22 +834,6 @@ def _mask_tensors(self:Sparsifier, attr):
             for t in extra:
                 if t is not None: mul_units(t, om)
 
-@patch
-def apply(self:Sparsifier):
-    "Zero the pruned weights (and, for filters, their bias and BatchNorm) in place"
-    self._mask_tensors('data')
-
-@patch
-def mask_grads(self:Sparsifier):
-    "Zero the gradients of pruned weights (and, for filters, of their bias and BatchNorm)"
-    self._mask_tensors('grad')
-
-@patch
-def accumulate(self:Sparsifier):
-    "Let the criterion learn from the current gradients (call after `backward`)"
-    for l in self.layers:
-        if l.name in self.state: self.criterion.accumulate(l, self.state[l.name])
-
 # %% ../nbs/06_sparsifier.ipynb #c15c2806
 @patch
 def _counts(self:Sparsifier, l)->tuple:
@@ -795,7 +841,7 @@ def _counts(self:Sparsifier, l)->tuple:
     gr, m = l.grouping, self.masks.get(l.name)
     groups = gr.numel if gr.nm else gr.n_groups
     if m is None: return groups, 0, 0
-    lost = m.numel() - int(torch.count_nonzero(m))
+    lost = m.numel() - int(np.count_nonzero(m.numpy()) if m.device.type == 'cpu' else torch.count_nonzero(m)) # numpy: ~8x faster on the CPU
     return groups, lost, lost if gr.nm else lost * gr.per_group
 
 _units_of = ('groups', 'weights')

@@ -292,18 +292,22 @@ def test_ctrl_c_inside_a_mask_update_leaves_masks_and_weights_consistent(tmp_pat
         order = SparsifyCallback.order - 1
         def before_batch(self):
             if self.training and self.iter == batch: crit.armed = True
-    calls, orig = [0], fpcb.Sparsifier.apply
-    def apply(sp): # a Ctrl-C while applying the masks: after the first layer's
+    import fasterprune.sparsifier as fpsp
+    calls, orig_mask, orig_zero = [0], fpsp.Sparsifier._mask_tensors, fpsp.zero_at
+    def tick(): # a Ctrl-C while `update` applies the new masks, layer by layer: the masks and counts are new, some weights not yet
         if crit.armed and phase == 'apply':
             calls[0] += 1
             if calls[0] == at: crit.armed = False; raise KeyboardInterrupt
-        return orig(sp)
+    def mask_tensors(sp, attr, layers=None):
+        if attr == 'data': tick()
+        return orig_mask(sp, attr, layers)
+    def zero_at(t, idx): tick(); return orig_zero(t, idx)
     learn = tiny(path, cbs=[SparsifyCallback(0.8, criterion=crit, scope=scope, update_every=1), Arm()]) # ranks at the armed batch
     if phase == 'apply': crit.at = 10 ** 9
-    fpcb.Sparsifier.apply = apply
+    fpsp.Sparsifier._mask_tensors, fpsp.zero_at = mask_tensors, zero_at
     try:
         with pytest.raises(KeyboardInterrupt): quiet(learn, 1)
-    finally: fpcb.Sparsifier.apply = orig
+    finally: fpsp.Sparsifier._mask_tensors, fpsp.zero_at = orig_mask, orig_zero
     sp = learn.sparsify.sparsifier
     assert consistent(sp)
     for key, k in sp.counts.items(): # the counts describe the masks
