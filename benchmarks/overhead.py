@@ -95,6 +95,20 @@ class FaProbe(Callback):
         self.held = sum(b.numel() * b.element_size() for m in self.learn.model.modules()
                         for k, b in m._buffers.items() if k in FA_BUFFERS and b is not None)
 
+CB_CPU = [0.] # process CPU seconds spent in the pruning callback's events during the current fit
+
+def _timed(cls):
+    "Make every event of `cls` add the process CPU time it takes to `CB_CPU`: the pruning callback's own work, measured in the fit"
+    call = cls.__call__
+    def timed(self, event_name):
+        t = time.process_time()
+        try: return call(self, event_name)
+        finally: CB_CPU[0] += time.process_time() - t
+    cls.__call__ = timed
+
+_timed(SparsifyCallback)
+if fasterai is not None: _timed(FaSparsify)
+
 def make_cbs(kind):
     if kind == 'dense': return []
     if kind in FA_KINDS:
@@ -116,11 +130,11 @@ def fit_once(model_name, kind, dls, epochs=2):
     learn = Learner(dls, MODELS[model_name](), loss_func=CrossEntropyLossFlat(), cbs=make_cbs(kind))
     with learn.no_bar(), learn.no_logging(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(): # fasterai prints
         warnings.simplefilter('ignore')
-        c, w = time.process_time(), time.perf_counter()
+        CB_CPU[0], c, w = 0., time.process_time(), time.perf_counter()
         learn.fit_one_cycle(epochs, 1e-3)
-        cpu, wall = time.process_time() - c, time.perf_counter() - w
+        cpu, wall, in_cb = time.process_time() - c, time.perf_counter() - w, CB_CPU[0]
     params = sum(p.numel() * p.element_size() for p in learn.model.parameters())
-    out = dict(cpu=cpu, wall=wall, cadence=None, n_updates=None, max_gap=None, mem=None)
+    out = dict(cpu=cpu, wall=wall, cb_share=in_cb / (cpu - in_cb), cadence=None, n_updates=None, max_gap=None, mem=None)
     cb = next((cb for cb in learn.cbs if isinstance(cb, SparsifyCallback)), None)
     if cb is not None:
         out.update(cadence=getattr(cb, 'cadence', None), n_updates=getattr(cb, 'n_updates', None),
@@ -138,13 +152,13 @@ def bench(reps, models, kinds, epochs=2):
             for k in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
                 o = fit_once(m, k, dls, epochs)
                 runs[k].append(o)
-                print(f"{m:9s} {k:16s} rep {r}: cpu {o['cpu']:6.2f} s wall {o['wall']:6.2f} s  cadence {o['cadence']} "
+                print(f"{m:9s} {k:16s} rep {r}: cpu {o['cpu']:6.2f} s wall {o['wall']:6.2f} s  in callback {100 * o['cb_share']:5.2f} %  cadence {o['cadence']} "
                       f"updates {o['n_updates']} max_gap {o['max_gap']}", file=sys.stderr, flush=True)
-        med = {k: {t: statistics.median(o[t] for o in runs[k]) for t in ('cpu', 'wall')} for k in kinds}
+        med = {k: {t: statistics.median(o[t] for o in runs[k]) for t in ('cpu', 'wall', 'cb_share')} for k in kinds}
         d = med.get('dense')
         for k in kinds:
             last = runs[k][-1]
-            rows.append(dict(model=m, run=k, cpu=med[k]['cpu'], wall=med[k]['wall'],
+            rows.append(dict(model=m, run=k, cpu=med[k]['cpu'], wall=med[k]['wall'], cb_share=med[k]['cb_share'] if k != 'dense' else None,
                              cpu_ratio=med[k]['cpu'] / d['cpu'] if d else None, wall_ratio=med[k]['wall'] / d['wall'] if d else None,
                              cadence=last['cadence'], n_updates=last['n_updates'], max_gap=last['max_gap'], mem=last['mem'],
                              all_cpu=[o['cpu'] for o in runs[k]]))
@@ -218,10 +232,11 @@ def _mem(v): return '—' if v is None else f'{v:.3f}' if v >= 0.01 or v == 0 el
 def _gap(v): return '—' if v is None else f'{v:.4f}' if v >= 1e-4 or v == 0 else f'{v:.1e}'
 
 def table(rows):
-    out = ['| model | run | CPU s | CPU ÷ dense | wall s | wall ÷ dense | cadence | rankings | max gap | memory ÷ params | CPU s, all runs |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+    out = ['| model | run | CPU s | CPU ÷ dense | in callback | wall s | wall ÷ dense | cadence | rankings | max gap | memory ÷ params | CPU s, all runs |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
-        out.append(f"| {r['model']} | {r['run']} | {r['cpu']:.2f} | **{_f(r['cpu_ratio'])}** | {r['wall']:.2f} | {_f(r['wall_ratio'])} | "
+        cb = '—' if r['cb_share'] is None else f"{100 * r['cb_share']:.1f} %"
+        out.append(f"| {r['model']} | {r['run']} | {r['cpu']:.2f} | **{_f(r['cpu_ratio'])}** | {cb} | {r['wall']:.2f} | {_f(r['wall_ratio'])} | "
                    f"{_f(r['cadence'], '')} | {_f(r['n_updates'], '')} | {_gap(r['max_gap'])} | {_mem(r['mem'])} | "
                    f"{', '.join(f'{t:.2f}' for t in r['all_cpu'])} |")
     return '\n'.join(out)
@@ -243,8 +258,10 @@ def verdict(rows, prof):
         got = [r for r in rows if r['run'] in kinds and r['model'] in models and r['cpu_ratio'] is not None]
         if not got: continue
         ok = all(r['cpu_ratio'] <= target for r in got)
-        vals = ', '.join(f"{r['model']} {r['run']} {r['cpu_ratio']:.2f}" for r in got)
-        out.append(f"{what} ≤ {target:.2f}: {'met' if ok else 'NOT met'} ({vals})")
+        ok_in = all(r['cb_share'] is not None and 1 + r['cb_share'] <= target for r in got)
+        vals = ', '.join(f"{r['model']} {r['run']} {r['cpu_ratio']:.2f}, in callback {100 * r['cb_share']:.1f} %" for r in got)
+        out.append(f"{what} ≤ {target:.2f}: {'met' if ok else 'NOT met'} by the CPU-time ratio, {'met' if ok_in else 'NOT met'} by the time "
+                   f"in the callback ({vals})")
     info = [r for r in rows if r['model'] == 'small_cnn' and r['run'] in TARGETS[2][1] and r['cpu_ratio'] is not None]
     if info: out.append('(small_cnn, no target: ' + ', '.join(f"{r['run']} {r['cpu_ratio']:.2f}" for r in info) + ')')
     if prof and 'resnet50' in prof:
@@ -319,7 +336,11 @@ def main():
             f"`SparsifyCallback(sparsity, one_cycle, granularity, criterion, scope)`:\n\n{kinds_legend(kinds)}\n\n"
             f"Columns: **CPU ÷ dense**, the main figure, is the CPU time of the whole process during the fit "
             f"(`time.process_time()`: forward, backward, optimizer, callback, data loading, fastai's loop) divided by the dense "
-            f"fit's; on a shared machine other jobs disturb it far less than wall time. CPU s and wall s are the medians; "
+            f"fit's; on a shared machine other jobs disturb it far less than wall time. **in callback** is the process CPU "
+            f"time spent inside the pruning callback's events (fasterprune's `SparsifyCallback`, or fasterai's), divided by the "
+            f"rest of the same fit's CPU time (median of the repetitions): the overhead measured within one run, which the load "
+            f"of other jobs cannot shift from one run to another as it shifts the ratio of two runs; it misses any cost that "
+            f"lands outside the callback's events (such as caches it cools), so the ratio stays the main figure. CPU s and wall s are the medians; "
             f"wall ÷ dense is `time.perf_counter()`'s ratio. cadence is `cb.cadence` (optimizer steps between two rankings "
             f"of the weights; under the default the counts still follow the schedule at every step, from the ranking's queue), "
             f"rankings is `cb.n_updates` (rankings in the fit; with `update_every=1`, every step), max gap is "
@@ -355,7 +376,8 @@ def long_fits(args):
             f"steps instead of 50, everything else the same ({args.threads} torch thread{'s' if args.threads > 1 else ''}, "
             f"runs interleaved in one process, median of {args.reps}). The default cadence ranks at least `min_rankings` (32) "
             f"times per fit, so on 50 steps it ranks at every step; on a longer fit the time budget (2 % of the step time) "
-            f"decides, up to one ranking every steps ÷ 32.\n\n{kinds_legend(kinds)}\n\n{table(rows)}\n\n{verdict(rows, {})}\n\n"
+            f"decides, up to one ranking every steps ÷ 32. The columns are those of the section above (in callback: CPU "
+            f"time inside the callback's events ÷ the rest of the same fit).\n\n{kinds_legend(kinds)}\n\n{table(rows)}\n\n{verdict(rows, {})}\n\n"
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
             f"torch {torch.__version__}; 1-min load average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; total "
             f"{time.perf_counter() - start:.0f} s. Run: `{cmd.strip()}`\n")
