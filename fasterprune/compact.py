@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn, fx
 from fastcore.basics import patch
 from fastai.learner import Learner
-from .graph import passthrough_modules, passthrough_functions, passthrough_methods, batchnorm_types
+from .graph import passthrough_modules, passthrough_functions, passthrough_methods, batchnorm_types, node_arg
 from .sparsifier import Sparsifier, unwrap_model
 
 # %% ../nbs/10_compact.ipynb #11b8933a
@@ -45,7 +45,7 @@ _pool_modules = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3
 _pool_functions = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d}
 
 def _is_one(size): return size == 1 or (isinstance(size, (tuple, list)) and all(s == 1 for s in size))
-def _arg(node, i, key, default=None): return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
+
 
 # %% ../nbs/10_compact.ipynb #3a256f19
 class ChannelFlow:
@@ -72,21 +72,21 @@ class ChannelFlow:
                 t = node.target
                 if t in passthrough_functions or t in passthrough_methods or t == 'clone':
                     res = x
-                    if t in _pool_functions and _is_one(_arg(node, 1, 'output_size')): pooled.add(node)
+                    if t in _pool_functions and _is_one(node_arg(node, 1, 'output_size')): pooled.add(node)
                 elif t in _binary:
                     known = [l for a in node.args[:2] if (l := get(a)) is not None]
                     if len(known) == 2 and len(known[0]) == len(known[1]): self.atoms.union(*known)
                     res = max(known, key=len) if known else None
-                elif t in (torch.cat, torch.concat) and _arg(node, 1, 'dim', 0) == 1:
-                    parts = [get(a) for a in _arg(node, 0, 'tensors')]
+                elif t in (torch.cat, torch.concat) and node_arg(node, 1, 'dim', 0) == 1:
+                    parts = [get(a) for a in node_arg(node, 0, 'tensors')]
                     if all(p is not None for p in parts): res = [a for p in parts for a in p]
                 elif t in (torch.flatten, 'flatten', 'view', 'reshape') and node.args[0] in pooled: res = x
                 elif t in (torch.mean, 'mean', torch.amax, 'amax'):
-                    dims = _arg(node, 1, 'dim')
+                    dims = node_arg(node, 1, 'dim')
                     dims = [dims] if isinstance(dims, int) else dims
                     if dims and all(isinstance(d, int) and d >= 2 for d in dims):
                         res = x
-                        if not _arg(node, 2, 'keepdim', False): pooled.add(node)
+                        if not node_arg(node, 2, 'keepdim', False): pooled.add(node)
             if res is not None: lab[node] = res
 
     def _layer(self, name, m, x):

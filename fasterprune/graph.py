@@ -7,7 +7,7 @@ Docs: https://fasterprune.github.io/fasterprune/graph.html.md"""
 # %% auto #0
 __all__ = ['passthrough_modules', 'passthrough_functions', 'passthrough_methods', 'batchnorm_types', 'unit_norm_types',
            'weight_layers', 'channelwise_modules', 'channelwise_functions', 'channelwise_methods', 'graph_modes',
-           'ModelGraph', 'ChannelLink', 'node_kind']
+           'ModelGraph', 'ChannelLink', 'node_arg', 'node_kind']
 
 # %% ../nbs/05_graph.ipynb #8a0e1072
 import warnings, operator, weakref
@@ -275,7 +275,12 @@ class ChannelLink:
         return f"ChannelLink({self.layer or 'identity'}: {n}{via})"
 
 # %% ../nbs/05_graph.ipynb #5c12c46b
-def _arg(n, i, name, default=None): return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+def node_arg(n:fx.Node, # a traced call
+             i:int, # the argument's position
+             name:str, # its keyword
+             default=None):
+    "Argument `i` (or keyword `name`) of the traced call `n`, else `default`"
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
 
 def _is_flatten(g, n):
     "Whether node `n` flattens everything but the batch dim"
@@ -283,7 +288,7 @@ def _is_flatten(g, n):
         m = g.modules.get(n.target)
         return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
     if (n.op, n.target) in (('call_function', torch.flatten), ('call_method', 'flatten')):
-        return _arg(n, 1, 'start_dim', 0) == 1 and _arg(n, 2, 'end_dim', -1) == -1
+        return node_arg(n, 1, 'start_dim', 0) == 1 and node_arg(n, 2, 'end_dim', -1) == -1
     if (n.op == 'call_method' and n.target in ('view', 'reshape')) or (n.op, n.target) == ('call_function', torch.reshape):
         shape = n.args[1:] if n.op == 'call_method' else n.args[1:2]
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)): shape = shape[0]
@@ -291,7 +296,7 @@ def _is_flatten(g, n):
     return False
 
 def _reduces_spatial(n):
-    d = _arg(n, 1, 'dim')
+    d = node_arg(n, 1, 'dim')
     d = tuple(d) if isinstance(d, (tuple, list)) else (d,)
     return None not in d and 0 not in d and 1 not in d
 
@@ -342,7 +347,7 @@ def _tensor_args(g, n):
 
 def _cat_ok(g, n):
     "Whether concatenation `n` joins tensors along their channels"
-    ins, d = n.args[0], _arg(n, 1, 'dim', 0)
+    ins, d = n.args[0], node_arg(n, 1, 'dim', 0)
     if not all(isinstance(a, fx.Node) for a in ins): return False
     tags = {g.tags.get(a) for a in ins} | {g.tags.get(n)}
     tags.discard(None)
@@ -368,7 +373,7 @@ def _infer_sizes(self:ModelGraph):
             elif k in ('pass', 'add'):
                 for a in ins: new |= put(n, size.get(a), tag.get(a))
             elif k == 'reduce' and ins and tag.get(ins[0]) == 'c':
-                new |= put(n, size.get(ins[0]), 'c' if _arg(n, 2, 'keepdim', False) else 'l')
+                new |= put(n, size.get(ins[0]), 'c' if node_arg(n, 2, 'keepdim', False) else 'l')
             elif k == 'cat' and _cat_ok(self, n) and all(a in size for a in n.args[0]):
                 new |= put(n, sum(size[a] for a in n.args[0]), tag.get(n.args[0][0]))
             elif k == 'flatten' and ins:

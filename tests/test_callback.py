@@ -17,7 +17,8 @@ from fastai.callback.tracker import SaveModelCallback
 from fastai.callback.schedule import ParamScheduler, SchedCos, fit_one_cycle, fine_tune, lr_find
 from fastai.callback.progress import ProgressCallback
 
-from fasterprune.callback import SparsifyCallback, optimizer_steps, sidecar, _opt_states, _state_tensors
+from fasterprune.sparsifier import state_mirrors
+from fasterprune.callback import SparsifyCallback, optimizer_steps, sidecar
 from fasterprune.schedules import one_cycle, one_shot, iterative
 from fasterprune.demo import digits_dls, small_cnn
 
@@ -52,17 +53,17 @@ class DeadStaysDead(Callback):
     steps = 0
     def before_fit(self): self.prev = {} # each fit runs the schedule anew: masks may relax at its start
     def after_step(self):
-        sp, states = self.sparsify.sparsifier, _opt_states(self.opt)
+        sp, states = self.sparsify.sparsifier, state_mirrors(self.opt)
         for l in sp.layers:
             dead = ~l.grouping.weight_mask(sp.masks[l.name])
             assert not l.weight[dead].any()
-            assert not any(t[dead].any() for t in _state_tensors(states, l.weight))
+            assert not any(t[dead].any() for t in states(l.weight))
             if sp.granularity == 'filter':
                 out_dead = ~sp.masks[l.name].reshape(-1)
                 for bn in sp.bns[l.name]:
                     for p in (bn.weight, bn.bias):
                         assert not p[out_dead].any()
-                        assert not any(t[out_dead].any() for t in _state_tensors(states, p))
+                        assert not any(t[out_dead].any() for t in states(p))
             prev = getattr(self, 'prev', {}).get(l.name)
             if prev is not None: assert not (prev & ~dead).any(), 'a pruned weight came back'
             self.prev = {**getattr(self, 'prev', {}), l.name: dead}

@@ -16,7 +16,8 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.callback.core import Callback
 from fastai.callback.schedule import fit_one_cycle # noqa: F401 (patches Learner)
 
-from fasterprune.callback import SparsifyCallback, _opt_states, _state_tensors
+from fasterprune.sparsifier import state_mirrors
+from fasterprune.callback import SparsifyCallback
 from fasterprune.sparsifier import Sparsifier
 from fasterprune.demo import digits_dls, small_cnn
 
@@ -32,7 +33,7 @@ class Watch(Callback):
         for l in sp.layers:
             dead = ~l.grouping.weight_mask(sp.masks[l.name])
             assert not l.weight[dead].any(), l.name
-            assert not any(t[dead].any() for t in _state_tensors(_opt_states(self.opt), l.weight))
+            assert not any(t[dead].any() for t in state_mirrors(self.opt)(l.weight))
         now = {k: m.clone() for k, m in sp.masks.items()}
         if self.prev is not None and any(not torch.equal(now[k], m) for k, m in self.prev.items()): self.changes += 1
         self.prev, self.steps = now, self.steps + 1

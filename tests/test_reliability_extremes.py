@@ -21,7 +21,8 @@ from fastai.optimizer import Adam, SGD, OptimWrapper
 from fastai.callback.core import Callback
 from fastai.callback.schedule import fit_one_cycle # noqa: F401 (patches Learner)
 
-from fasterprune.callback import SparsifyCallback, _opt_states, _state_tensors
+from fasterprune.sparsifier import state_mirrors
+from fasterprune.callback import SparsifyCallback
 from fasterprune.sparsifier import Sparsifier
 from fasterprune.demo import digits_dls, small_cnn
 
@@ -42,8 +43,8 @@ OPTS = dict(adamw=partial(Adam, wd=0.1, decouple_wd=True), sgd_momentum=partial(
 
 def opt_tensors(opt):
     "Every tensor of the optimizer's per-parameter state, in parameter order"
-    out = []
-    for st in _opt_states(opt):
+    out, inner = [], getattr(opt, 'opt', None) # fastai's `Optimizer` keeps `state`; an `OptimWrapper`, its torch optimizer's
+    for st in [opt.state] + ([inner.state] if isinstance(inner, torch.optim.Optimizer) else []):
         for p, s in st.items():
             out += [(k, v) for k, v in sorted(s.items()) if isinstance(v, torch.Tensor)]
     return out
@@ -199,8 +200,8 @@ def test_tied_weights_one_mask_counted_once(cfg):
     assert int((model.enc.weight == 0).sum()) == int((model.dec.weight == 0).sum()) >= zeros
     if cfg.get('scope') == 'global': assert sum(int((~m).sum()) for m in sp.masks.values()) == round(0.75 * (256 + 256 + 64))
     else: assert zeros == round(0.75 * 256)
-    states = _opt_states(learn.opt)
-    for l in sp.layers: assert not any(t[~l.grouping.weight_mask(sp.masks[l.name])].any() for t in _state_tensors(states, l.weight))
+    states = state_mirrors(learn.opt)
+    for l in sp.layers: assert not any(t[~l.grouping.weight_mask(sp.masks[l.name])].any() for t in states(l.weight))
 
 
 def test_tied_filter_pruning_silences_every_user():

@@ -22,7 +22,8 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.schedule import fit_one_cycle # noqa: F401 (patches Learner)
 
-from fasterprune.callback import SparsifyCallback, _opt_states, _state_tensors
+from fasterprune.sparsifier import state_mirrors
+from fasterprune.callback import SparsifyCallback
 from fasterprune.schedules import one_shot
 from fasterprune.demo import digits_dls, small_cnn
 
@@ -42,7 +43,7 @@ class CheckMasks(Callback):
             dead = ~l.grouping.weight_mask(sp.masks[l.name])
             assert sp.masks[l.name].dtype == torch.bool
             assert not l.weight[dead].any(), l.name
-            assert not any(t[dead].any() for t in _state_tensors(_opt_states(self.opt), l.weight)), l.name
+            assert not any(t[dead].any() for t in state_mirrors(self.opt)(l.weight)), l.name
         self.steps += 1
 
 

@@ -16,7 +16,8 @@ from fastai.basics import Learner, CrossEntropyLossFlat, set_seed
 from fastai.callback.core import Callback
 from fastai.optimizer import SGD, Adam, RAdam, QHAdam, Lamb, Larc, RMSProp, ranger, OptimWrapper, Optimizer, sgd_step
 
-from fasterprune.callback import SparsifyCallback, keeps_zeros
+from fasterprune.callback import SparsifyCallback
+from fasterprune.sparsifier import keeps_zeros
 from fasterprune.sparsifier import Sparsifier
 from fasterprune.demo import digits_dls
 
@@ -78,7 +79,7 @@ def test_trusted_optimizers_keep_pruned_weights_at_zero_without_apply(dls, name,
     monkeypatch.setattr(Sparsifier, 'apply', lambda self: (applies.append(1), real(self))[1])
     learn, cb = fit(dls, TRUSTED[name])
     probe = learn.cbs.filter(lambda c: isinstance(c, ZerosChecked))[0]
-    assert keeps_zeros(learn) and not cb._apply_every_step
+    assert keeps_zeros(learn.opt) and not cb._apply_every_step
     assert probe.steps == cb.starts[-1] > 0 and probe.bad == [], probe.bad[:5]
     assert len(applies) == 2 # not after every step: once as the fit starts, once as it ends
     assert abs(cb.sparsifier.sparsity_achieved() - 0.8) < 0.01
@@ -86,7 +87,7 @@ def test_trusted_optimizers_keep_pruned_weights_at_zero_without_apply(dls, name,
 def test_an_unknown_optimizer_gets_apply_after_every_step(dls):
     learn, cb = fit(dls, wrapped(Drift))
     probe = learn.cbs.filter(lambda c: isinstance(c, ZerosChecked))[0]
-    assert not keeps_zeros(learn) and cb._apply_every_step
+    assert not keeps_zeros(learn.opt) and cb._apply_every_step
     assert probe.steps > 0 and probe.bad == [], probe.bad[:5]
 
 def test_a_fastai_optimizer_with_a_step_of_its_own_is_not_trusted(dls):

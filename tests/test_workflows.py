@@ -22,7 +22,8 @@ from fastai.callback.schedule import fit_one_cycle, fine_tune, lr_find # noqa: F
 from fastai.callback.hook import summary # noqa: F401
 
 import fasterprune.callback as fpcb
-from fasterprune.callback import SparsifyCallback, optimizer_steps, _opt_states, _state_tensors
+from fasterprune.sparsifier import state_mirrors
+from fasterprune.callback import SparsifyCallback, optimizer_steps
 from fasterprune.criteria import Criterion
 from fasterprune.schedules import one_cycle, one_shot
 from fasterprune.demo import digits_dls, small_cnn
@@ -213,10 +214,10 @@ def test_early_stop_warns_and_one_line_prunes_to_target(tmp_path_factory, stop, 
     assert not at_target(sp)
     learn.sparsify_to_target()
     assert at_target(sp) and consistent(sp)
-    states = _opt_states(learn.opt)
+    states = state_mirrors(learn.opt)
     for l in sp.layers:
         dead = ~l.grouping.weight_mask(sp.masks[l.name])
-        assert not any(t[dead].any() for t in _state_tensors(states, l.weight))
+        assert not any(t[dead].any() for t in states(l.weight))
 
 # ---------------------------------------------------------------- 6: GradientAccumulation with batch sizes that cannot be told
 
