@@ -6,8 +6,8 @@ Docs: https://fasterprune.github.io/fasterprune/sparsifier.html.md"""
 
 # %% auto #0
 __all__ = ['scopes', 'LazyScores', 'kth_smallest', 'select_smallest', 'check_sparsity', 'ParamWeight', 'prunable_layers',
-           'unwrap_model', 'Sparsifier', 'check_links', 'check_options', 'pruned_since', 'zero_at', 'state_mirrors',
-           'keeps_zeros', 'mul_units']
+           'unwrap_model', 'Sparsifier', 'check_links', 'check_options', 'pruned_since', 'zero_at', 'mul_units',
+           'state_mirrors', 'keeps_zeros']
 
 # %% ../nbs/06_sparsifier.ipynb #66014b76
 import math, numbers, fnmatch, contextlib, sys, warnings, re
@@ -419,9 +419,7 @@ def _same_outputs(a, b)->bool:
 def _targets(self:Sparsifier, names, layer_sparsity):
     targets = {n: self.sparsity for n in names}
     self.local_only = set()
-    if layer_sparsity is None: return targets
-    if not isinstance(layer_sparsity, dict):
-        raise TypeError(f"`layer_sparsity` must be a dict {{layer name or pattern: sparsity}}, got {layer_sparsity!r}")
+    if layer_sparsity is None: return targets # its form and values were checked by `check_options`
     for key, v in layer_sparsity.items():
         hits = [n for n in names if n == key or (isinstance(key, str) and fnmatch.fnmatchcase(n, key))]
         if not hits:
@@ -566,79 +564,6 @@ def _apply_new(self:Sparsifier):
     for n, idx in self.pruned_now.items():
         if idx is None: self._mask_tensors('data', [by_name[n]])
         else: zero_at(by_name[n].module.weight.data, idx) # the weights pruned before are zero already (`mask_grads` keeps them so)
-
-@patch
-def apply(self:Sparsifier):
-    "Zero the pruned weights (and, for filters, their bias and BatchNorm) in place"
-    self._mask_tensors('data')
-
-@patch
-def mask_grads(self:Sparsifier):
-    "Zero the gradients of pruned weights (and, for filters, of their bias and BatchNorm)"
-    self._mask_tensors('grad')
-
-@patch
-def accumulate(self:Sparsifier):
-    "Let the criterion learn from the current gradients (call after `backward`)"
-    for l in self.layers:
-        if l.name in self.state: self.criterion.accumulate(l, self.state[l.name])
-
-# %% ../nbs/06_sparsifier.ipynb #7cbd913d
-def _torch_opts(opt)->list:
-    "`opt` and the optimizers it wraps (fastai's `OptimWrapper` and `Lookahead` keep theirs in `.opt`)"
-    out = []
-    while opt is not None and opt not in out: out.append(opt); opt = getattr(opt, 'opt', None)
-    return out
-
-def state_mirrors(opt, # a PyTorch optimizer, a fastai `Optimizer`, or None
-                  state:bool=True, # the state too; else only the slow weights (copies of the weights themselves)
-                 ):
-    "`f(p)`: the tensors shaped like parameter `p` that `opt` keeps for it: its state (momentum, squared averages) and a `Lookahead`'s slow weight"
-    opts = _torch_opts(opt)
-    states = [o.state for o in opts if isinstance(getattr(o, 'state', None), dict)] if state else []
-    slow = {id(p): s for o in opts if getattr(o, 'slow_weights', None) is not None
-            for sg, pg in zip(o.slow_weights, o.param_lists) for p, s in zip(pg, sg)}
-    def f(p):
-        ts = [v for st in states if (s := st.get(p)) for v in s.values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
-        return ts + ([slow[id(p)]] if id(p) in slow else [])
-    return f
-
-_steps_keeping_zeros = ('sgd_step', 'weight_decay', 'l2_reg', 'average_grad', 'average_sqr_grad', 'momentum_step', 'rms_prop_step',
-                        'step_stat', 'adam_step', 'radam_step', 'qhadam_step', 'larc_layer_lr', 'larc_step', 'lamb_step')
-_torch_keeping_zeros = ('SGD', 'Adam', 'AdamW', 'Adamax', 'NAdam', 'RAdam', 'RMSprop', 'Adagrad', 'Adadelta')
-
-def keeps_zeros(opt, # a PyTorch optimizer, or a fastai `Optimizer`, `OptimWrapper` or `Lookahead`
-               )->bool:
-    "Whether a step of `opt` leaves a weight at zero when its gradient and its state are zero: fastai's and PyTorch's element-wise optimizers"
-    import fastai.optimizer as fopt
-    if type(opt) is fopt.Lookahead: opt = opt.opt # its slow weights are cleaned with the rest of the state
-    if type(opt) is fopt.OptimWrapper: opt = opt.opt
-    if type(opt) is fopt.Optimizer:
-        safe = {getattr(fopt, n) for n in _steps_keeping_zeros}
-        return all(getattr(cb, 'func', cb) in safe for cb in opt.cbs)
-    return type(opt) in tuple(getattr(torch.optim, n) for n in _torch_keeping_zeros)
-
-@patch
-@torch.no_grad()
-def clean_state(self:Sparsifier,
-                opt=None, # a PyTorch optimizer or a fastai `Optimizer`, whose state for the newly pruned weights is zeroed
-                whole:bool=False, # every pruned position, not only those the last `update` pruned (after masks were loaded)
-                mirrors=None, # instead of `opt`'s state: `f(p)`, the tensors shaped like parameter `p` to zero with it
-               ):
-    "Zero the optimizer state of the weights the last `update` pruned (and of pruned filters' bias and norms), so that no step revives them"
-    f = mirrors if mirrors is not None else state_mirrors(opt)
-    for l in self.layers:
-        m = self.masks.get(l.name)
-        if m is None or not (whole or l.name in self.pruned_now): continue
-        w, idx = l.module.weight, None if whole else self.pruned_now[l.name]
-        for t in f(w):
-            if idx is not None and t.is_contiguous() and t.numel() == w.numel(): zero_at(t, idx)
-            else: l.grouping.apply(t, m)
-        om = l.grouping.out_mask(m)
-        if om is None: continue
-        for p in self._out_params(l):
-            for t in f(p): mul_units(t, om)
-
 
 # %% ../nbs/06_sparsifier.ipynb #e867e18a
 def _all(p)->bool:
@@ -899,6 +824,79 @@ def _mask_tensors(self:Sparsifier, attr, layers=None):
         if om is not None:
             for t in extra:
                 if t is not None: mul_units(t, om)
+
+@patch
+def apply(self:Sparsifier):
+    "Zero the pruned weights (and, for filters, their bias and BatchNorm) in place"
+    self._mask_tensors('data')
+
+@patch
+def mask_grads(self:Sparsifier):
+    "Zero the gradients of pruned weights (and, for filters, of their bias and BatchNorm)"
+    self._mask_tensors('grad')
+
+@patch
+def accumulate(self:Sparsifier):
+    "Let the criterion learn from the current gradients (call after `backward`)"
+    for l in self.layers:
+        if l.name in self.state: self.criterion.accumulate(l, self.state[l.name])
+
+# %% ../nbs/06_sparsifier.ipynb #7cbd913d
+def _torch_opts(opt)->list:
+    "`opt` and the optimizers it wraps (fastai's `OptimWrapper` and `Lookahead` keep theirs in `.opt`)"
+    out = []
+    while opt is not None and opt not in out: out.append(opt); opt = getattr(opt, 'opt', None)
+    return out
+
+def state_mirrors(opt, # a PyTorch optimizer, a fastai `Optimizer`, or None
+                  state:bool=True, # the state too; else only the slow weights (copies of the weights themselves)
+                 ):
+    "`f(p)`: the tensors shaped like parameter `p` that `opt` keeps for it: its state (momentum, squared averages) and a `Lookahead`'s slow weight"
+    opts = _torch_opts(opt)
+    states = [o.state for o in opts if isinstance(getattr(o, 'state', None), dict)] if state else []
+    slow = {id(p): s for o in opts if getattr(o, 'slow_weights', None) is not None
+            for sg, pg in zip(o.slow_weights, o.param_lists) for p, s in zip(pg, sg)}
+    def f(p):
+        ts = [v for st in states if (s := st.get(p)) for v in s.values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
+        return ts + ([slow[id(p)]] if id(p) in slow else [])
+    return f
+
+_steps_keeping_zeros = ('sgd_step', 'weight_decay', 'l2_reg', 'average_grad', 'average_sqr_grad', 'momentum_step', 'rms_prop_step',
+                        'step_stat', 'adam_step', 'radam_step', 'qhadam_step', 'larc_layer_lr', 'larc_step', 'lamb_step')
+_torch_keeping_zeros = ('SGD', 'Adam', 'AdamW', 'Adamax', 'NAdam', 'RAdam', 'RMSprop', 'Adagrad', 'Adadelta')
+
+def keeps_zeros(opt, # a PyTorch optimizer, or a fastai `Optimizer`, `OptimWrapper` or `Lookahead`
+               )->bool:
+    "Whether a step of `opt` leaves a weight at zero when its gradient and its state are zero: fastai's and PyTorch's element-wise optimizers"
+    import fastai.optimizer as fopt
+    if type(opt) is fopt.Lookahead: opt = opt.opt # its slow weights are cleaned with the rest of the state
+    if type(opt) is fopt.OptimWrapper: opt = opt.opt
+    if type(opt) is fopt.Optimizer:
+        safe = {getattr(fopt, n) for n in _steps_keeping_zeros}
+        return all(getattr(cb, 'func', cb) in safe for cb in opt.cbs)
+    return type(opt) in tuple(getattr(torch.optim, n) for n in _torch_keeping_zeros)
+
+@patch
+@torch.no_grad()
+def clean_state(self:Sparsifier,
+                opt=None, # a PyTorch optimizer or a fastai `Optimizer`, whose state for the newly pruned weights is zeroed
+                whole:bool=False, # every pruned position, not only those the last `update` pruned (after masks were loaded)
+                mirrors=None, # instead of `opt`'s state: `f(p)`, the tensors shaped like parameter `p` to zero with it
+               ):
+    "Zero the optimizer state of the weights the last `update` pruned (and of pruned filters' bias and norms), so that no step revives them"
+    f = mirrors if mirrors is not None else state_mirrors(opt)
+    for l in self.layers:
+        m = self.masks.get(l.name)
+        if m is None or not (whole or l.name in self.pruned_now): continue
+        w, idx = l.module.weight, None if whole else self.pruned_now[l.name]
+        for t in f(w):
+            if idx is not None and t.is_contiguous() and t.numel() == w.numel(): zero_at(t, idx)
+            else: l.grouping.apply(t, m)
+        om = l.grouping.out_mask(m)
+        if om is None: continue
+        for p in self._out_params(l):
+            for t in f(p): mul_units(t, om)
+
 
 # %% ../nbs/06_sparsifier.ipynb #c15c2806
 @patch

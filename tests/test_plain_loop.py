@@ -12,6 +12,7 @@ from fastai.optimizer import ranger, SGD as fastai_SGD
 
 from fasterprune.sparsifier import Sparsifier, keeps_zeros, state_mirrors
 from fasterprune.schedules import one_cycle
+from test_step_floor import Drift # moves every weight at every step: an optimizer `keeps_zeros` must not trust
 
 torch.set_num_threads(1)
 
@@ -19,16 +20,8 @@ def cnn():
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
                          nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
 
-class Drift(torch.optim.Optimizer):
-    "Moves every weight at every step, gradient or not: an optimizer `keeps_zeros` must not trust"
-    def __init__(self, params, lr=1e-2): super().__init__(params, dict(lr=lr))
-    @torch.no_grad()
-    def step(self, closure=None):
-        for g in self.param_groups:
-            for p in g['params']: p.add_(-g['lr'] * (p.grad if p.grad is not None else 0.) + 1e-3)
-
 OPTS = dict(adamw=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1), sgd=partial(torch.optim.SGD, lr=1e-2, momentum=0.9, weight_decay=1e-2),
-            fastai_ranger=partial(ranger, lr=1e-2, wd=0.1), fastai_sgd=partial(fastai_SGD, lr=1e-2, mom=0.9, wd=1e-2), drift=Drift)
+            fastai_ranger=partial(ranger, lr=1e-2, wd=0.1), fastai_sgd=partial(fastai_SGD, lr=1e-2, mom=0.9, wd=1e-2), drift=partial(Drift, lr=1e-2))
 
 def dead_positions(sp, l):
     "The pruned entries of layer `l`'s weight, and per pruned filter, of its bias and norms (as (tensor, bool index) pairs)"

@@ -27,11 +27,7 @@ def mlp():
     return nn.Sequential(OrderedDict(fc1=nn.Linear(64, 48), act1=nn.ReLU(), fc2=nn.Linear(48, 32), act2=nn.ReLU(), fc3=nn.Linear(32, 10)))
 
 @pytest.fixture(scope='module')
-def dls():
-    d = digits_dls(bs=64)
-    return d
-
-def flat(xb): return xb.view(xb.shape[0], -1)
+def dls(): return digits_dls(bs=64)
 
 class Flat(nn.Module):
     def __init__(self, m): super().__init__(); self.m = m
