@@ -17,7 +17,7 @@ import pandas as pd
 from torch import nn
 from torch.nn.utils import parametrize
 from fastcore.basics import store_attr, patch
-from .granularities import Grouping, granularity_table, known_granularities, reductions, _table_entry, grouping_problem
+from .granularities import Grouping, mul_mask, granularity_table, known_granularities, reductions, _table_entry, grouping_problem
 from .criteria import Layer, large_final, get_criterion
 from .graph import ModelGraph, _n_units
 
@@ -85,9 +85,20 @@ def _kth(xp, gets, sizes, k):
     d = 4 * math.sqrt(q * (1 - q) / m) + 2 / m
     lo, hi = xp.kths(sample, [1 + min(m - 1, max(0, int(p * m))) for p in (q - d, q + d)])
     tied = lambda v: xp.count(sample == v) > 1
-    lt_lo = count(lambda s: s < lo)
-    if k <= lt_lo: cands, base = gather(lambda s: s < lo), 0 # bracket missed low: rare
-    elif lo == hi or tied(lo) or tied(hi): # a block of equal scores at a bound: count it instead of gathering it
+    if lo != hi and not tied(hi): # the usual case: two passes, counting below the bracket, gathering inside it
+        if tied(lo): # a block of equal scores at the low bound (the zeros of pruned weights): counted, not gathered
+            below, inside = count(lambda s: s <= lo), lambda s: (s > lo) & (s <= hi)
+            if k <= below:
+                if k > count(lambda s: s < lo): return lo, None
+                below, inside = 0, lambda s: s < lo # bracket missed low: rare
+        else:
+            below, inside = count(lambda s: s < lo), lambda s: (s >= lo) & (s <= hi)
+            if k <= below: below, inside = 0, lambda s: s < lo # bracket missed low: rare
+        cands, base = gather(inside), below
+        if k > base + sum(len(c) for c in cands): # bracket missed high: rare
+            cands, base = gather(lambda s: s > hi), base + sum(len(c) for c in cands)
+    elif k <= (lt_lo := count(lambda s: s < lo)): cands, base = gather(lambda s: s < lo), 0 # bracket missed low: rare
+    else: # a block of equal scores at the high bound, or both bounds equal: count it instead of gathering it
         le_lo = count(lambda s: s <= lo)
         if k <= le_lo: return lo, None
         lt_hi = count(lambda s: s < hi)
@@ -96,10 +107,6 @@ def _kth(xp, gets, sizes, k):
             le_hi = count(lambda s: s <= hi)
             if k <= le_hi: return hi, None
             cands, base = gather(lambda s: s > hi), le_hi # missed high: rare
-    else:
-        cands, base = gather(lambda s: (s >= lo) & (s <= hi)), lt_lo
-        if k > base + sum(len(c) for c in cands): # bracket missed high: rare
-            cands, base = gather(lambda s: s > hi), base + sum(len(c) for c in cands)
     t = xp.kth(xp.cat(cands), k - base)
     return t, _holders(xp, cands, t)
 
@@ -545,7 +552,7 @@ def _per_weight(l, m)->bool:
     w = l.module.weight
     return (l.grouping.name == 'weight' or bool(l.grouping.nm)) and m.numel() == w.numel() and w.is_contiguous() and m.device == w.device
 
-_FEW = 64 # indices are kept for at most 1/64 of a layer's weights (8 bytes each): more, and the layer's whole mask is applied
+_FEW = 16 # indices are kept for at most 1/16 of a layer's weights (8 bytes each, while they serve): more, and the layer's whole mask is applied
 
 @patch
 def _set_mask(self:Sparsifier, l, m, idx=None):
@@ -809,7 +816,7 @@ def mul_units(t:torch.Tensor, # a per-unit tensor: a bias, a norm's γ or β, th
               om:torch.Tensor, # the per-unit keep mask of a layer's `C` output units
              ):
     "Zero in place the entries of `t` for the pruned units; `t` has `C` entries, or `k·C` for `k` copies of the units side by side"
-    t.view(-1, om.numel()).mul_(om.to(t.device).view(torch.uint8))
+    mul_mask(t.view(-1, om.numel()), om.to(t.device))
 
 @patch
 @torch.no_grad()
