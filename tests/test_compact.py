@@ -7,7 +7,8 @@ import torchvision
 from torch import nn
 
 from fasterprune.sparsifier import Sparsifier
-from fasterprune.compact import (coupled, ChannelFlow, compact, load_compact, count_macs, compact_report, weight_pattern,
+from fasterprune.graph import ModelGraph
+from fasterprune.compact import (coupled, compact, load_compact, count_macs, compact_report, weight_pattern,
                                  semi_structured_report, semi_structured_support, to_semi_structured)
 
 tp = pytest.importorskip('torch_pruning', reason="the 'compact' extra (torch-pruning) is not installed")
@@ -104,7 +105,7 @@ def test_coupled_global_scope_exact_count_never_empty():
     for u in sp.units: assert all(torch.equal(sp.masks[u[0].name].reshape(-1), sp.masks[l.name].reshape(-1)) for l in u)
 
 def test_depthwise_linked_to_its_producer():
-    sets, tangled = ChannelFlow(MobileNetish()).sets('out')
+    sets, tangled = ModelGraph(MobileNetish()).same_channels('out')
     assert ['blocks.0.expand.0', 'blocks.0.dw.0'] in sets and ['stem.0', 'blocks.0.project.0'] in sets and not tangled
 
 def test_links_errors_and_warnings():
