@@ -778,10 +778,13 @@ def same_channels(self:ModelGraph,
     return [v for v in by_key.values() if len(v) > 1 and not tangled & set(v)], sorted(tangled)
 
 # %% ../nbs/05_graph.ipynb #235b606c
-@patch
 @contextmanager
+def _cache_block(g):
+    old, g.cache = g.cache, {} if g.cache is None else g.cache
+    try: yield g.cache
+    finally: g.cache = old
+
+@patch
 def caching(self:ModelGraph):
     "Let criteria keep values computed from the weights until the block ends (the weights must not change inside)"
-    old, self.cache = self.cache, {} if self.cache is None else self.cache
-    try: yield self.cache
-    finally: self.cache = old
+    return _cache_block(self) # a plain method returning the context manager: its API entry is `ModelGraph.caching`
