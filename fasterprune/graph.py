@@ -734,7 +734,9 @@ def _index_atoms(self:ModelGraph):
     "(union-find, layer -> ids of the channels it writes, layer -> ids of those it reads or None), from one pass down the fx graph"
     if self._atoms is not None: return self._atoms
     if self.mode != 'fx': raise ValueError(f"which channels are the same needs a model torch.fx can trace; {self.reason}")
-    if getattr(self, 'sizes', None) is None: self._infer_sizes()
+    if getattr(self, 'sizes', None) is None:
+        try: self._infer_sizes()
+        except Exception as e: raise ValueError(f"could not follow channels through {type(self.model).__name__}: {type(e).__name__}: {e}") from e
     atoms, out, inp, lab = _Atoms(), {}, {}, {} # lab: node -> ids of its channels, for the nodes whose channels are known
     get = lambda a: lab.get(a) if isinstance(a, fx.Node) else None
     for n in self.gm.graph.nodes:
