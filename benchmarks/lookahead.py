@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasterprune.config import fp_config
-from fasterprune.criteria import Layer, large_final
+from fasterprune.criteria import Layer, large_final, lookahead
 from fasterprune.graph import ModelGraph
-from fasterprune.lookahead import lookahead
 from fasterprune.sparsifier import Sparsifier
 
 CFG = fp_config()

@@ -17,7 +17,7 @@ from fastai.basics import DataLoaders, Datasets, ItemGetter, Learner, CrossEntro
 from fastai.callback.schedule import fit_one_cycle
 from fastai.callback.progress import no_bar
 from .schedules import builtin_schedules
-from .granularities import known_granularities, _parse_nm
+from .granularities import known_granularities, parse_nm
 from .criteria import criteria
 from .sparsifier import Sparsifier, check_sparsity, scopes
 from .callback import SparsifyCallback
@@ -60,7 +60,7 @@ def small_cnn(c_in:int=1, # input channels
     return nn.Sequential(layers)
 
 # %% ../nbs/80_demo.ipynb #d3c7a1b0
-demo_criteria = [*criteria, 'lookahead', 'lookahead_bn'] # every built-in criterion, by name
+demo_criteria = list(criteria) # every built-in criterion, by name
 
 def _number(v, name, what):
     "`v`, or the number a string `v` spells, or a clear error"
@@ -86,14 +86,14 @@ def _fraction(v, name:str='sparsity')->float: return check_sparsity(_number(v, n
 def _granularity(g:str)->str:
     "`g` if it is a granularity name or an N:M pattern such as '2:4', else a clear error"
     if not isinstance(g, str): raise TypeError(f"`granularity` must be a name, one of {known_granularities()}, got {g!r}")
-    if g in known_granularities() or _parse_nm(g): return g # `_parse_nm` raises for '4:2' or '0:4'
+    if g in known_granularities() or parse_nm(g): return g # `parse_nm` raises for '4:2' or '0:4'
     if ':' in g: raise ValueError(f"`granularity`={g!r} is not an N:M pattern: N and M are whole numbers with 0 < N < M, such as '2:4'")
     raise ValueError(f"`granularity`={g!r} is unknown; use one of {known_granularities()}")
 
 def demo_sparsity(granularity:str, # a granularity name or an N:M pattern
                  )->float:
     "The demo's default target for `granularity`: about 90% of the convolutions' weights removed"
-    if nm := _parse_nm(granularity): return 1 - nm[0] / nm[1]
+    if nm := parse_nm(granularity): return 1 - nm[0] / nm[1]
     return 0.7 if granularity in ('filter', 'channel') else 0.9
 
 def check_demo_args(sparsity=None, schedule='one_cycle', granularity='weight', criterion='large_final', scope='local',

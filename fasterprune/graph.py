@@ -6,8 +6,8 @@ Docs: https://fasterprune.github.io/fasterprune/graph.html.md"""
 
 # %% auto #0
 __all__ = ['passthrough_modules', 'passthrough_functions', 'passthrough_methods', 'batchnorm_types', 'unit_norm_types',
-           'weight_layers', 'channelwise_modules', 'channelwise_functions', 'channelwise_methods', 'graph_modes',
-           'ModelGraph', 'ChannelLink', 'node_arg', 'node_kind']
+           'channelwise_modules', 'channelwise_functions', 'channelwise_methods', 'graph_modes', 'ModelGraph',
+           'ChannelLink', 'node_arg', 'node_kind']
 
 # %% ../nbs/05_graph.ipynb #8a0e1072
 import warnings, operator, weakref
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn, fx
 from torch.nn.modules.batchnorm import _BatchNorm
 from fastcore.basics import patch
-from .granularities import granularity_table
+from .granularities import granularity_table, weight_layers, conv_types, in_units, out_units
 
 # %% ../nbs/05_graph.ipynb #e56a8be9
 passthrough_modules = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Identity,
@@ -60,6 +60,7 @@ class ModelGraph:
         self._uses = self.channel_error = self.cache = None # channel links (built on first use), why they failed, `caching`'s store
         self._hooks = self._subs = self._chain_links = None # built on first use: hooks' edges, fx-traced blocks, chain pairs
         self._other = {} # layer name -> (uses, source) for layers the root's fx graph does not call
+        self._atoms = None # built on first use: (union-find over channels, layer -> its output channels, -> its input channels)
         try:
             self.gm = _trace(model)
             self.mode = 'fx'
@@ -151,7 +152,7 @@ def following(self:ModelGraph,
     "Modules reading the output of module `name`, through pass-through operations"
     return list(self._next.get(name, []))
 
-def _n_units(m): return getattr(m, 'out_features', None) or getattr(m, 'out_channels', None)
+_n_units = out_units # the former private name, still imported by `fasterprune.sparsifier`
 
 def _probe(norm, layer, C):
     "Whether `norm` runs on `layer`'s output with its `C` units where `layer` puts them and nothing else of size `C`"
@@ -179,13 +180,8 @@ def following_norms(self:ModelGraph,
     m, out, todo = self.modules.get(name), [], [name]
     while todo: # a norm's output still has the units in place: the norms reading it (a skip connection's) count too
         for n in self.following(todo.pop(0)):
-            if n not in out and n != name and _per_unit(self.modules.get(n), m, _n_units(m)): out.append(n); todo.append(n)
+            if n not in out and n != name and _per_unit(self.modules.get(n), m, out_units(m)): out.append(n); todo.append(n)
     return out + [b for b in self._repeated_norms(name) if b not in out]
-
-@patch
-def _repeated_norms(self:ModelGraph, name:str)->list:
-    "Norms after pooling and concatenation that carry copies of layer `name`'s units: none yet (the channel links below find them)"
-    return []
 
 ModelGraph.following_bns = ModelGraph.following_norms # the older name
 
@@ -244,8 +240,6 @@ def input_layers(self:ModelGraph)->set:
     return set(self._order[:1]) if self._order[:1] == [self._first_run] else set() # behind an embedding or an LSTM: none
 
 # %% ../nbs/05_graph.ipynb #12a5242e
-weight_layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
 channelwise_modules = passthrough_modules + (
     nn.Sigmoid, nn.Hardsigmoid, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.AlphaDropout,
     nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
@@ -256,7 +250,8 @@ channelwise_functions = passthrough_functions | {torch.sigmoid, F.sigmoid, F.har
 channelwise_methods = passthrough_methods | {'sigmoid', 'sigmoid_', 'clone', 'float', 'half', 'to', 'type_as', 'clamp',
                                              'clamp_', 'detach'}
 _adds = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
-_scales = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div}
+_muls = {operator.mul, operator.imul, torch.mul}
+_scales = _muls | {operator.truediv, operator.itruediv, torch.div}
 _cats = {torch.cat, torch.concat}
 
 # %% ../nbs/05_graph.ipynb #870b1d3c
@@ -319,7 +314,7 @@ def node_kind(g:ModelGraph, # a graph traced with fx
     if n.op == 'call_function':
         if t in channelwise_functions: return 'pass'
         if t in _adds: return 'add'
-        if t in _scales: return 'pass' if _n_tensors(n) == 1 else 'other'
+        if t in _scales: return 'pass' if _n_tensors(n) == 1 else 'mul' if t in _muls else 'other'
         if t in _cats: return 'cat' if n.args and isinstance(n.args[0], (list, tuple)) else 'other'
         if t is getattr: return 'meta'
         if t is operator.getitem and isinstance(n.args[0], fx.Node) and node_kind(g, n.args[0]) == 'meta': return 'meta'
@@ -327,14 +322,12 @@ def node_kind(g:ModelGraph, # a graph traced with fx
     if n.op == 'call_method':
         if t in channelwise_methods: return 'pass'
         if t in ('add', 'add_', 'sub', 'sub_'): return 'add'
-        if t in ('mul', 'mul_', 'div', 'div_'): return 'pass' if _n_tensors(n) == 1 else 'other'
+        if t in ('mul', 'mul_', 'div', 'div_'): return 'pass' if _n_tensors(n) == 1 else 'mul' if t in ('mul', 'mul_') else 'other'
         if t in ('size', 'dim', 'numel'): return 'meta'
         if t in ('mean', 'amax', 'sum') and _reduces_spatial(n): return 'reduce'
     return 'other'
 
 # %% ../nbs/05_graph.ipynb #efef2844
-def _in_ch(m): return m.in_features if isinstance(m, nn.Linear) else m.in_channels
-def _out_ch(m): return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 def _tag(m): return 'l' if isinstance(m, nn.Linear) else 'c'
 
 def _tensor_args(g, n):
@@ -368,7 +361,7 @@ def _infer_sizes(self:ModelGraph):
         for n in nodes: # forward: what each node's inputs give it
             k, ins = self.kinds[n], _tensor_args(self, n) if n.op != 'output' else []
             m = self.modules.get(n.target) if n.op == 'call_module' else None
-            if k == 'layer': new |= put(n, _out_ch(m), _tag(m))
+            if k == 'layer': new |= put(n, out_units(m), _tag(m))
             elif k == 'bn': new |= put(n, m.num_features, tag.get(ins[0]) if ins else None)
             elif k in ('pass', 'add'):
                 for a in ins: new |= put(n, size.get(a), tag.get(a))
@@ -382,7 +375,7 @@ def _infer_sizes(self:ModelGraph):
             k, ins = self.kinds[n], _tensor_args(self, n) if n.op != 'output' else []
             m = self.modules.get(n.target) if n.op == 'call_module' else None
             if not ins: continue
-            if k == 'layer': new |= put(ins[0], _in_ch(m), _tag(m))
+            if k == 'layer': new |= put(ins[0], in_units(m), _tag(m))
             elif k == 'bn': new |= put(ins[0], m.num_features, tag.get(n))
             elif k in ('pass', 'add'):
                 for a in ins: new |= put(a, size.get(n), tag.get(n))
@@ -466,7 +459,7 @@ def _walk_down(self:ModelGraph, n):
         ins = _tensor_args(self, u) if u.op != 'output' else []
         if k == 'layer' and ins and ins[0] is n:
             m = self.modules[u.target]
-            out.append(ChannelLink(u.target) if size.get(n) == _in_ch(m) and self.tags.get(n) == _tag(m) else ChannelLink())
+            out.append(ChannelLink(u.target) if size.get(n) == in_units(m) and self.tags.get(n) == _tag(m) else ChannelLink())
         elif k == 'bn' and size.get(n) == self.modules[u.target].num_features: out += [_with_bn(l, u.target) for l in down[u]]
         elif k in ('pass', 'add') or (k == 'reduce' and self.tags.get(n) == 'c'): out += down[u]
         elif k == 'cat' and _cat_ok(self, u) and all(b in size for b in u.args[0]) and u in size:
@@ -494,7 +487,7 @@ def _index_channels(self:ModelGraph):
     for n in nodes:
         if self.kinds[n] != 'layer': continue
         m, ins = self.modules[n.target], _tensor_args(self, n)
-        ok = ins and self.sizes.get(ins[0]) == _in_ch(m) and self.tags.get(ins[0]) == _tag(m)
+        ok = ins and self.sizes.get(ins[0]) == in_units(m) and self.tags.get(ins[0]) == _tag(m)
         uses.setdefault(n.target, []).append((self._up[ins[0]] if ok else [ChannelLink()], self._down[n]))
     del self._up, self._down
     self._uses = uses
@@ -509,7 +502,7 @@ def chain(self:ModelGraph)->list:
 
 @patch
 def _chain_bn(self:ModelGraph, name):
-    C = _out_ch(self.modules[name])
+    C = out_units(self.modules[name])
     if self.mode is not None: cands = [b for b in self.following_norms(name) if isinstance(self.modules[b], batchnorm_types)]
     else:
         names, cands = list(self.modules), []
@@ -522,7 +515,7 @@ def _chain_bn(self:ModelGraph, name):
 def _chain_pair(self:ModelGraph, p, c):
     "(producer link of `c`, consumer link of `p`) for consecutive chain layers `p` -> `c`"
     mp, mc = self.modules[p], self.modules[c]
-    Cp, Cc = _out_ch(mp), _in_ch(mc)
+    Cp, Cc = out_units(mp), in_units(mc)
     bn = self._chain_bn(p)
     if Cp == Cc:
         bns = [(bn, None)] if bn else []
@@ -541,7 +534,7 @@ def _chain_uses(self:ModelGraph, name):
         ch, self._chain_links, bad = self.chain, {}, []
         for p, c in zip(ch, ch[1:]):
             self._chain_links[p, c] = links = self._chain_pair(p, c)
-            if links[0].layer is None: bad.append(f"`{p}` writes {_out_ch(self.modules[p])} channels but the next layer, `{c}`, reads {_in_ch(self.modules[c])}")
+            if links[0].layer is None: bad.append(f"`{p}` writes {out_units(self.modules[p])} channels but the next layer, `{c}`, reads {in_units(self.modules[c])}")
         self.chain_mismatches = bad
         if bad: warnings.warn(f"chain mode: {len(bad)} pair(s) of consecutive layers do not match and are not treated as neighbours "
                               f"(that side's factor is 1): {'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}", stacklevel=4)
@@ -610,7 +603,7 @@ def _clean_down(self:ModelGraph, name:str)->set:
 @patch
 def _repeated_norms(self:ModelGraph, name:str)->list:
     "BatchNorms after pooling and concatenation whose `k·C` features are `k` copies (`k` ≥ 1) of layer `name`'s `C` units, feature `j` = unit `j % C` (fastai's concat-pool head)"
-    C = _n_units(self.modules.get(name))
+    C = out_units(self.modules.get(name))
     if C is None or self._root_uses(name) is None: return []
     clean, chans = self._clean_down(name), {}
     for l in self.consumers(name):
@@ -670,16 +663,16 @@ def _hook_uses(self:ModelGraph, name, nxt):
     "(producer links, consumer links) of layer `name` from the hooks' edges: layers, or a BatchNorm then a layer, of matching size"
     mods, m = self.modules, self.modules[name]
     def fits(a, b): # layer `a` writes what layer `b` reads
-        return all(isinstance(mods.get(x), weight_layers) for x in (a, b)) and _out_ch(mods[a]) == _in_ch(mods[b]) and _tag(mods[a]) == _tag(mods[b])
+        return all(isinstance(mods.get(x), weight_layers) for x in (a, b)) and out_units(mods[a]) == in_units(mods[b]) and _tag(mods[a]) == _tag(mods[b])
     def bn(n, C): return isinstance(mods.get(n), batchnorm_types) and mods[n].num_features == C
     prod, cons = [], []
     for src, readers in nxt.items():
         if name not in readers: continue
         if fits(src, name): prod.append(ChannelLink(src))
-        elif bn(src, _in_ch(m)): prod += [ChannelLink(p, bns=[(src, None)]) for p, r in nxt.items() if src in r and fits(p, name)]
+        elif bn(src, in_units(m)): prod += [ChannelLink(p, bns=[(src, None)]) for p, r in nxt.items() if src in r and fits(p, name)]
     for c in nxt.get(name, []):
         if fits(name, c): cons.append(ChannelLink(c))
-        elif bn(c, _out_ch(m)): cons += [ChannelLink(d, bns=[(c, None)]) for d in nxt.get(c, []) if fits(name, d)]
+        elif bn(c, out_units(m)): cons += [ChannelLink(d, bns=[(c, None)]) for d in nxt.get(c, []) if fits(name, d)]
     return prod or [ChannelLink()], cons or [ChannelLink()]
 
 def _prefixed(links, pre):
@@ -718,11 +711,82 @@ def neighbour_sources(self:ModelGraph)->dict:
     "Layer name -> where graph mode found its neighbours: 'fx', 'fx block', 'fx block + hooks', 'hooks', 'chain', or None (never called)"
     return {n: 'fx' if self._root_uses(n) is not None else self._other_uses(n)[1] for n in self.chain}
 
-# %% ../nbs/05_graph.ipynb #235b606c
+# %% ../nbs/05_graph.ipynb #17cc8b98
+class _Atoms:
+    "Union-find over channels"
+    def __init__(self): self.parent = []
+    def new(self, n):
+        s = len(self.parent); self.parent += range(s, s + n)
+        return list(range(s, s + n))
+    def find(self, a):
+        p = self.parent
+        while p[a] != a: p[a] = p[p[a]]; a = p[a]
+        return a
+    def union(self, xs, ys):
+        for a, b in zip(xs, ys):
+            ra, rb = self.find(a), self.find(b)
+            if ra != rb: self.parent[rb] = ra
+
+def _is_depthwise(m): return isinstance(m, conv_types) and m.groups == m.in_channels == m.out_channels > 1
+
 @patch
+def _index_atoms(self:ModelGraph):
+    "(union-find, layer -> ids of the channels it writes, layer -> ids of those it reads or None), from one pass down the fx graph"
+    if self._atoms is not None: return self._atoms
+    if self.mode != 'fx': raise ValueError(f"which channels are the same needs a model torch.fx can trace; {self.reason}")
+    if getattr(self, 'sizes', None) is None:
+        try: self._infer_sizes()
+        except Exception as e: raise ValueError(f"could not follow channels through {type(self.model).__name__}: {type(e).__name__}: {e}") from e
+    atoms, out, inp, lab = _Atoms(), {}, {}, {} # lab: node -> ids of its channels, for the nodes whose channels are known
+    get = lambda a: lab.get(a) if isinstance(a, fx.Node) else None
+    for n in self.gm.graph.nodes:
+        k, a = self.kinds[n], n.args[0] if n.args else None
+        x, res = get(a), None
+        if k == 'layer':
+            m = self.modules[n.target]
+            if n.target not in inp: inp[n.target] = x
+            elif (prev := inp[n.target]) is not None and x is not None and len(prev) == len(x): atoms.union(prev, x) # called again
+            res = out.setdefault(n.target, atoms.new(out_units(m)))
+            if _is_depthwise(m) and x is not None: atoms.union(x, res) # filter j reads input channel j only
+        elif k in ('bn', 'pass'): res = x
+        elif k == 'reduce' and self.tags.get(a) == 'c': res = x
+        elif k == 'flatten' and self.sizes.get(n) is not None and self.sizes.get(n) == self.sizes.get(a): res = x # one feature per channel
+        elif k in ('add', 'mul'):
+            known = [l for b in n.args[:2] if (l := get(b)) is not None]
+            if len(known) == 2 and len(known[0]) == len(known[1]): atoms.union(*known)
+            res = max(known, key=len) if known else None
+        elif k == 'cat' and _cat_ok(self, n):
+            parts = [get(b) for b in n.args[0]]
+            if all(p is not None for p in parts): res = [c for p in parts for c in p]
+        if res is not None: lab[n] = res
+    self._atoms = atoms, out, inp
+    return self._atoms
+
+@patch
+def same_channels(self:ModelGraph,
+                  side:str='out', # 'out': layers writing the same channels; 'in': layers reading them
+                 )->tuple: # (lists of layer names, sorted names of the tangled layers)
+    "Lists of layers whose output (`side='out'`) or input (`'in'`) channels are the same channels in the same order, and the tangled layers"
+    if side not in ('out', 'in'): raise ValueError(f"`side`={side!r}: use 'out' (layers writing the same channels) or 'in' (reading them)")
+    atoms, out, inp = self._index_atoms()
+    keys = {n: tuple(atoms.find(a) for a in v) for n, v in (out if side == 'out' else inp).items() if v is not None}
+    by_key, by_channel = {}, {}
+    for n, k in keys.items():
+        by_key.setdefault(k, []).append(n)
+        for c in set(k): by_channel.setdefault(c, set()).add(n)
+    tangled = set()
+    for ns in by_channel.values():
+        if len({keys[n] for n in ns}) > 1: tangled |= ns
+    return [v for v in by_key.values() if len(v) > 1 and not tangled & set(v)], sorted(tangled)
+
+# %% ../nbs/05_graph.ipynb #235b606c
 @contextmanager
+def _cache_block(g):
+    old, g.cache = g.cache, {} if g.cache is None else g.cache
+    try: yield g.cache
+    finally: g.cache = old
+
+@patch
 def caching(self:ModelGraph):
     "Let criteria keep values computed from the weights until the block ends (the weights must not change inside)"
-    old, self.cache = self.cache, {} if self.cache is None else self.cache
-    try: yield self.cache
-    finally: self.cache = old
+    return _cache_block(self) # a plain method returning the context manager: its API entry is `ModelGraph.caching`

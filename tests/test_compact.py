@@ -7,7 +7,8 @@ import torchvision
 from torch import nn
 
 from fasterprune.sparsifier import Sparsifier
-from fasterprune.compact import (coupled, ChannelFlow, compact, load_compact, count_macs, compact_report, weight_pattern,
+from fasterprune.graph import ModelGraph
+from fasterprune.compact import (coupled, compact, load_compact, count_macs, compact_report, weight_pattern,
                                  semi_structured_report, semi_structured_support, to_semi_structured)
 
 tp = pytest.importorskip('torch_pruning', reason="the 'compact' extra (torch-pruning) is not installed")
@@ -104,8 +105,19 @@ def test_coupled_global_scope_exact_count_never_empty():
     for u in sp.units: assert all(torch.equal(sp.masks[u[0].name].reshape(-1), sp.masks[l.name].reshape(-1)) for l in u)
 
 def test_depthwise_linked_to_its_producer():
-    sets, tangled = ChannelFlow(MobileNetish()).sets('out')
+    sets, tangled = ModelGraph(MobileNetish()).same_channels('out')
     assert ['blocks.0.expand.0', 'blocks.0.dw.0'] in sets and ['stem.0', 'blocks.0.project.0'] in sets and not tangled
+
+def test_coupled_needs_an_fx_graph():
+    "`coupled` and `ModelGraph.same_channels` refuse, with the reason, a model fx cannot trace, and an unknown side"
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+        def forward(self, x): return self.b(self.a(x)) if x.sum() > -1e9 else x
+    with pytest.raises(ValueError, match=r"`coupled` needs a model torch.fx can trace; torch.fx could not trace Dynamic"):
+        Sparsifier(Dynamic(), 0.5, 'filter', include=['a', 'b'], links=coupled)
+    with pytest.raises(ValueError, match="`side`='sideways'"): ModelGraph(MobileNetish()).same_channels('sideways')
 
 def test_links_errors_and_warnings():
     mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 2)) # '4', the output layer, may stay dense

@@ -182,14 +182,14 @@ def test_no_graph_warns_once():
 
 # ------------------------------------------------------------------ lookahead on models fx cannot trace in one piece
 
-from fasterprune.graph import _in_ch, _out_ch
-from fasterprune.lookahead import LookaheadCriterion, lookahead, lookahead_bn
+from fasterprune.granularities import in_units, out_units
+from fasterprune.criteria import LookaheadCriterion, lookahead, lookahead_bn
 
 def assert_sizes_match(g, mode='graph'):
     "every link pairs channels that exist on both sides: a neighbour of another size is never linked"
     for n in g.chain:
         m = g.modules[n]
-        for links, mine, theirs in ((g.producers(n, mode), _in_ch(m), _out_ch), (g.consumers(n, mode), _out_ch(m), _in_ch)):
+        for links, mine, theirs in ((g.producers(n, mode), in_units(m), out_units), (g.consumers(n, mode), out_units(m), in_units)):
             for l in links:
                 if l.layer is None: continue
                 other = theirs(g.modules[l.layer])

@@ -8,7 +8,8 @@ from hypothesis import given, strategies as st
 
 from fasterprune.criteria import Layer, get_criterion
 from fasterprune.graph import ModelGraph
-from fasterprune.lookahead import LookaheadCriterion, lookahead, lookahead_bn, lookahead_factors, in_sq, out_sq
+from fasterprune.criteria import LookaheadCriterion, lookahead, lookahead_bn
+from fasterprune.lookahead import lookahead_factors, in_sq, out_sq
 from fasterprune.sparsifier import Sparsifier
 
 torch.set_num_threads(1)
