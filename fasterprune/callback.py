@@ -68,7 +68,8 @@ def _check_update_every(v):
                          f"or an integer n >= 1 (recompute every n optimizer steps; 1 = every step), got {v!r}")
     return v
 
-_engine_opts = ('granularity', 'scope', 'include', 'exclude', 'layer_sparsity', 'reduce') # stored as given, passed to `Sparsifier`
+# the engine's options the callback stores as given and passes on to `Sparsifier` (`links` and `criterion`: as `check_options` returns them)
+_engine_opts = tuple(k for k in signature(Sparsifier).parameters if k not in ('model', 'sparsity', 'criterion', 'sample_input', 'links'))
 
 def _in_fit(learn):
     "Whether `before_fit` starts a real training fit: in `Learner.fit`, not `lr_find`, `validate`, `get_preds`, `predict`, `show_results` or `summary`"
