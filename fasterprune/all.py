@@ -16,9 +16,12 @@ from .graph import *
 from .sparsifier import *
 from .lookahead import *
 from .callback import *
+from .checkpoints import *
+from .lottery import *
+from .learner import *
 from .compact import *
 
 # %% ../nbs/90_all.ipynb #49045844
-_modules = ['schedules', 'granularities', 'criteria', 'graph', 'sparsifier', 'lookahead', 'callback', 'compact']
+_modules = ['schedules', 'granularities', 'criteria', 'graph', 'sparsifier', 'lookahead', 'callback', 'checkpoints', 'lottery', 'learner', 'compact']
 __all__ = [] # filled from each module's `__all__`, in that order
 for _m in _modules: __all__ += sys.modules[f'fasterprune.{_m}'].__all__

@@ -221,29 +221,6 @@ def compact(model:nn.Module, # a model whose pruned weights are zero (a `Sparsif
     _kept_warning(new.compact_notes)
     return new
 
-# %% ../nbs/10_compact.ipynb #a9b5d68b
-def _sparsifiers(learn):
-    return [v for cb in learn.cbs for v in vars(cb).values() if isinstance(v, Sparsifier)]
-
-def _first(o, n=2):
-    "The first `n` samples of every tensor in a batch (tensors, tuples, lists, dicts)"
-    if isinstance(o, torch.Tensor): return o[:n]
-    if isinstance(o, dict): return {k: _first(v, n) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return tuple(_first(v, n) for v in o)
-    return o
-
-@patch
-def compact(self:Learner,
-            example_inputs=None, # a batch to trace and check with (default: two samples of a validation batch)
-            **kwargs, # passed to `compact`: `keep`, `check`, `atol`
-           )->nn.Module:
-    "A physically smaller copy of the learner's model, with the pruned channels removed"
-    for sp in _sparsifiers(self): sp.apply()
-    if example_inputs is None:
-        b = self.dls.valid.one_batch() if len(self.dls.valid) else self.dls.train.one_batch()
-        example_inputs = _first(tuple(b[:self.dls.n_inp]))
-    return compact(self.model, example_inputs, **kwargs)
-
 # %% ../nbs/10_compact.ipynb #2d0d36d9
 def _resize_param(m, key, shape):
     "Replace parameter or buffer `key` of `m` by an uninitialised one of `shape` (same dtype, device and grad flag)"

@@ -6,10 +6,10 @@ Docs: https://fasterprune.github.io/fasterprune/schedules.html.md"""
 
 # %% auto #0
 __all__ = ['builtin_schedules', 'ramp', 'one_cycle', 'agp', 'one_shot', 'iterative', 'lin', 'cos', 'dsd', 'plot_schedules',
-           'check_schedule']
+           'check_schedule', 'step_pos', 'check_steps']
 
 # %% ../nbs/01_schedules.ipynb #a4b7e560
-import math
+import math, numbers
 from functools import partial
 import numpy as np
 from fastcore.basics import store_attr
@@ -134,3 +134,33 @@ def check_schedule(schedule, # the schedule to check
             raise ValueError(f"`{name}`={schedule!r} returned {v} at pos={pos}; a schedule returns the share of the target "
                              "sparsity, in [0, 1]")
     return schedule
+
+# %% ../nbs/01_schedules.ipynb #1c7d3be0
+def step_pos(step:int, # optimizer steps taken before this one
+             total:int, # optimizer steps in the fit
+            )->float:
+    "Training progress at optimizer step `step` of `total`: 0 at the first, exactly 1 at the last (and after it)"
+    return 1. if total <= 1 else min(1., step / (total - 1))
+
+def _is_share(v)->bool:
+    "Whether a schedule's value `v` is a number (a Python or numpy number, or an array or tensor with one element)"
+    if isinstance(v, np.ndarray): return v.size == 1
+    if callable(getattr(v, 'numel', None)): return v.numel() == 1 # a torch tensor
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+def check_steps(schedule, # the schedule of a fit
+                total:int, # optimizer steps in the fit
+                name:str='schedule', # the argument's name, for the error message
+               ):
+    "Raise a clear error unless `schedule` gives a number in [0, 1] at every one of the `total` steps of a fit"
+    for step in range(total):
+        pos = step_pos(step, total)
+        try: v = schedule(pos)
+        except Exception as e: raise TypeError(f"`{name}`={schedule!r} could not be evaluated at pos={pos:.6g}: {e!r}") from e
+        if not _is_share(v):
+            raise TypeError(f"`{name}`={schedule!r} returned {v!r} ({type(v).__name__}) at pos={pos:.6g}; a schedule "
+                            "returns a number, the share of the target sparsity in [0, 1]")
+        v = float(v)
+        if not 0 <= v <= 1:
+            raise ValueError(f"`{name}`={schedule!r} returned {v} at pos={pos:.6g} (optimizer step {step} of {total}); "
+                             "a schedule returns the share of the target sparsity, in [0, 1]")

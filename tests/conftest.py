@@ -41,11 +41,12 @@ def _no_notebook_patches():
     """Undo what a notebook run in this process patched onto fastai's classes, and give `__main__` back.
 
     `tests/test_nbs.py` runs each notebook in the pytest worker (nbdev's `test_nb`, an IPython shell that also replaces
-    `sys.modules['__main__']`). A notebook's `@patch def load(self:Learner, ...)` replaces the library's `Learner.load`
-    for the rest of the worker with the notebook's copy, which looks for the notebook's own `SparsifyCallback` class, not
-    `fasterprune.callback.SparsifyCallback`. After `07_callback.ipynb`, every `learn.load` in that worker silently skipped
-    the masks and criterion state (and `fit`, `sparsity_report` used the wrong class too): resumed fits lost their
-    `taylor`/`movement` scores and their held `update_every` masks, depending on which tests xdist gave the worker first."""
+    `sys.modules['__main__']`). A notebook that defines a patch (today only `07a_learner.ipynb`, where every change to
+    fastai's classes lives) replaces the library's `Learner.fit`, `save`, `load`... for the rest of the worker with the
+    notebook's copy. Those copies find the callbacks through the library's `SparsityCheckpoint`, so they behave as the
+    library's do; but a notebook that defined its own copy of a class they look for (as `07_callback.ipynb` once did
+    with `SparsifyCallback`, making every later `learn.load` in that worker skip the masks) would make later tests depend
+    on which notebooks xdist gave the worker first. Each test therefore starts with the library's own functions."""
     main, before = sys.modules.get('__main__'), {c: dict(vars(c)) for c in _patchable()}
     yield
     if main is not None: sys.modules['__main__'] = main

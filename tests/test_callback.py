@@ -383,6 +383,24 @@ def test_bad_arguments_fail_at_construction(kwargs, msg):
     kwargs = {'sparsity': 0.5, **kwargs}
     with pytest.raises((ValueError, TypeError), match=re.escape(msg)): SparsifyCallback(**kwargs)
 
+def test_signature_delegates_the_engine_options():
+    "The engine's options are in the signature with the engine's own defaults and docments; an unknown one fails at once; no memory address"
+    import inspect
+    from nbdev.showdoc import BasicMarkdownRenderer
+    sig = inspect.signature(SparsifyCallback)
+    assert {'include', 'exclude', 'layer_sparsity', 'reduce', 'links'} <= set(sig.parameters) and 'kwargs' not in sig.parameters
+    doc = BasicMarkdownRenderer(SparsifyCallback)._repr_markdown_()
+    assert ' at 0x' not in doc and '# layers to leave dense' in doc
+    with pytest.raises(TypeError, match='layer_type'): SparsifyCallback(0.5, layer_type=nn.Conv2d)
+    assert SparsifyCallback(0.5).schedule is one_cycle and SparsifyCallback(0.5, None, 'filter', 'movement', 'global', exclude='fc').exclude == 'fc'
+
+def test_fastai_wrappers_pass_arguments_through():
+    "`Learner.fit`, `fine_tune`, `save` and `load` show fastai's signature and keep fastai's own method as `_fastai`"
+    import inspect
+    for k in ('fit', 'fine_tune', 'save', 'load'):
+        f = getattr(Learner, k)
+        assert f._fastai is not f and inspect.signature(f) == inspect.signature(f._fastai), k
+
 @pytest.mark.parametrize('kwargs,msg', [
     (dict(include='layer4.*'), "`include`='layer4.*' matches no prunable layer"),
     (dict(exclude=nn.LSTM), '`exclude`='),
