@@ -21,10 +21,10 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision, NonNativeMixedPrecision
 from fastai.callback.training import GradientAccumulation
 from .schedules import one_cycle, check_schedule, step_pos, check_steps
-from .sparsifier import Sparsifier, check_options, unwrap_model, _world_size, keeps_zeros, state_mirrors
+from .sparsifier import Sparsifier, check_options, unwrap_model, world_size, keeps_zeros, state_mirrors
 from .lottery import check_lth, check_rewind, take_snapshot, rewind
-from .checkpoints import SparsityCheckpoint, _layout, sidecar, save_sparsity, load_sparsity # the last three importable from here too
-from .learner import _check_not_meta # and with it fasterprune's changes to fastai's classes: wherever the callback is, they are
+from .checkpoints import SparsityCheckpoint, layer_layout, sidecar, save_sparsity, load_sparsity # the last three importable from here too
+from .learner import check_not_meta # and with it fasterprune's changes to fastai's classes: wherever the callback is, they are
 
 # %% ../nbs/07_callback.ipynb #c5d32938
 def _batch_sizes(dl):
@@ -250,10 +250,10 @@ class SparsifyCallback(SparsityCheckpoint, Callback):
         "The engine's `Sparsifier` on `learn.model` (built once per model, rebuilt if its prunable layers change), with any state `learn.load` read"
         if self.learn is None: raise ValueError("this SparsifyCallback is not attached to a Learner")
         model = unwrap_model(self.learn.model)
-        _check_not_meta(model)
+        check_not_meta(model)
         try:
             if any(nn.parameter.is_lazy(p) for p in model.parameters()): _materialise(model, self._sample_xb())
-            layout = _layout(model, self.include, self.exclude)
+            layout = layer_layout(model, self.include, self.exclude)
             new = self.sparsifier is None or self.sparsifier.model is not model
             if new: self.sparsifier = self._new_sparsifier()
             elif layout != self._layout: self._rebuild(layout)
@@ -367,7 +367,7 @@ class SparsifyCallback(SparsityCheckpoint, Callback):
         step, upd = statistics.median(steps), statistics.median(updates)
         n = 1 << max(0, math.ceil(math.log2(max(1., upd / (self.budget * max(step, 1e-9))))))
         n = min(n, 1 << int(math.log2(max(1, self.starts[-1] // self.min_rankings)))) # scores never older than ~1/32 of the fit
-        if _world_size() > 1: # every rank recomputes at the same steps: rank 0's choice
+        if world_size() > 1: # every rank recomputes at the same steps: rank 0's choice
             t = torch.tensor([n], device=self.sparsifier.layers[0].weight.device)
             torch.distributed.broadcast(t, 0)
             n = int(t.item())

@@ -77,7 +77,6 @@ def table_entry(module:nn.Module, # a layer
         if t in granularity_table: return granularity_table[t]
     return None
 
-_table_entry = table_entry # the former private name, still imported by `fasterprune.sparsifier`
 
 def parse_nm(name, # a granularity name
             )->tuple|None: # (N, M), or None when `name` is not of the form 'N:M'

@@ -152,7 +152,6 @@ def following(self:ModelGraph,
     "Modules reading the output of module `name`, through pass-through operations"
     return list(self._next.get(name, []))
 
-_n_units = out_units # the former private name, still imported by `fasterprune.sparsifier`
 
 def _probe(norm, layer, C):
     "Whether `norm` runs on `layer`'s output with its `C` units where `layer` puts them and nothing else of size `C`"

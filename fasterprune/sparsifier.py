@@ -6,8 +6,8 @@ Docs: https://fasterprune.github.io/fasterprune/sparsifier.html.md"""
 
 # %% auto #0
 __all__ = ['scopes', 'LazyScores', 'kth_smallest', 'select_smallest', 'check_sparsity', 'ParamWeight', 'prunable_layers',
-           'unwrap_model', 'Sparsifier', 'check_links', 'check_options', 'pruned_since', 'zero_at', 'mul_units',
-           'state_mirrors', 'keeps_zeros']
+           'unwrap_model', 'Sparsifier', 'check_links', 'check_options', 'pruned_since', 'zero_at', 'world_size',
+           'mul_units', 'state_mirrors', 'keeps_zeros']
 
 # %% ../nbs/06_sparsifier.ipynb #66014b76
 import math, numbers, fnmatch, contextlib, sys, warnings, re
@@ -17,9 +17,9 @@ import pandas as pd
 from torch import nn
 from torch.nn.utils import parametrize
 from fastcore.basics import store_attr, patch
-from .granularities import Grouping, mul_mask, granularity_table, known_granularities, reductions, _table_entry, grouping_problem
+from .granularities import Grouping, mul_mask, granularity_table, known_granularities, reductions, table_entry, out_units, grouping_problem
 from .criteria import Layer, large_final, get_criterion
-from .graph import ModelGraph, _n_units
+from .graph import ModelGraph
 
 # %% ../nbs/06_sparsifier.ipynb #daa22c0a
 _SAMPLE, _SMALL = 1 << 16, 1 << 14
@@ -408,7 +408,7 @@ def _norms(self:Sparsifier, l)->list:
     "The normalisation layers after `l` (and after its tied users) whose per-unit γ and β a filter mask of `l` zeroes"
     if self.graph is None: return []
     names = [l.name, *(a for a, _ in self.tied.get(l.name, []))]
-    out, C = [], _n_units(l.module)
+    out, C = [], out_units(l.module)
     for n in names:
         for b in self.graph.following_norms(n):
             norm = self.graph.modules[b]
@@ -419,7 +419,7 @@ def _norms(self:Sparsifier, l)->list:
 # %% ../nbs/06_sparsifier.ipynb #a0a6caa3
 def _same_outputs(a, b)->bool:
     "Whether modules `a` and `b`, which share a weight, index their outputs by the same weight dimension"
-    return _table_entry(a) is not None and _table_entry(a) is _table_entry(b) and getattr(a, 'groups', 1) == getattr(b, 'groups', 1)
+    return table_entry(a) is not None and table_entry(a) is table_entry(b) and getattr(a, 'groups', 1) == getattr(b, 'groups', 1)
 
 # %% ../nbs/06_sparsifier.ipynb #66d5f740
 @patch
@@ -769,7 +769,7 @@ def _from_plan(self:Sparsifier, key, units, k)->bool:
 # %% ../nbs/06_sparsifier.ipynb #4b348ca7
 import torch.distributed as dist
 
-def _world_size()->int:
+def world_size()->int:
     "Processes in torch.distributed's default group: 1 when it is not initialised"
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -780,7 +780,7 @@ def _from_rank0(self:Sparsifier,
                 changed:list, # the pools whose masks this rank recomputed
                )->list: # the pools whose masks changed: rank 0's
     "Under torch.distributed (world size > 1), every rank takes rank 0's group counts and new masks"
-    if not changed or _world_size() < 2: return changed # a collective only when masks change: `update` runs on every rank at the same steps
+    if not changed or world_size() < 2: return changed # a collective only when masks change: `update` runs on every rank at the same steps
     keys, dev = list(new), self.layers[0].weight.device # a CUDA device under NCCL; gloo takes either
     head = torch.tensor([new[k] for k in keys] + [int(k in changed) for k in keys], dtype=torch.int64, device=dev)
     dist.broadcast(head, 0)
@@ -935,7 +935,7 @@ def _unpruned_why(mod, pname)->str:
     if isinstance(mod, nn.MultiheadAttention): return f"{pname} of MultiheadAttention"
     if 'bias' in pname: return "bias"
     if isinstance(mod, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)): return f"normalisation ({t})"
-    if _table_entry(mod) is None: return f"{t}: no granularity table"
+    if table_entry(mod) is None: return f"{t}: no granularity table"
     return f"{pname}: not a pruned weight"
 
 @patch

@@ -182,10 +182,10 @@ def rank_local_masks(rank, broadcast):
     torch.manual_seed(0)
     model = make_model()
     torch.manual_seed(1000 + rank)
-    world = fs._world_size
-    if not broadcast: fs._world_size = lambda: 1
+    world = fs.world_size
+    if not broadcast: fs.world_size = lambda: 1
     try: sp = Sparsifier(model, SPARSITY, criterion=GlobalRNG(), scope='global').prune()
-    finally: fs._world_size = world
+    finally: fs.world_size = world
     return mask_digest(sp)
 
 
