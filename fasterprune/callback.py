@@ -8,9 +8,8 @@ Docs: https://fasterprune.github.io/fasterprune/callback.html.md"""
 __all__ = ['optimizer_steps', 'SparsifyCallback']
 
 # %% ../nbs/07_callback.ipynb #11d9586c
-import warnings, random, contextlib, math, statistics, time
+import warnings, math, statistics, time
 from inspect import signature
-import numpy as np
 import torch
 import pandas as pd
 from torch import nn
@@ -24,7 +23,7 @@ from .schedules import one_cycle, check_schedule, step_pos, check_steps
 from .sparsifier import Sparsifier, check_options, unwrap_model, world_size, keeps_zeros, state_mirrors
 from .lottery import check_lth, check_rewind, take_snapshot, rewind
 from .checkpoints import SparsityCheckpoint, layer_layout, sidecar, save_sparsity, load_sparsity # the last three importable from here too
-from .learner import check_not_meta # and with it fasterprune's changes to fastai's classes: wherever the callback is, they are
+from .learner import check_not_meta, one_batch_inputs # and with it fasterprune's changes to fastai's classes: wherever the callback is, they are
 
 # %% ../nbs/07_callback.ipynb #c5d32938
 def _batch_sizes(dl):
@@ -302,7 +301,7 @@ class SparsifyCallback(SparsityCheckpoint, Callback):
     def _sample_xb(self, required:bool=True):
         "The inputs of one batch of `learn.dls` (the validation set's, if any), drawn without moving any random generator the fit uses"
         if self._xb is None:
-            try: self._xb = _one_batch_inputs(self.learn)
+            try: self._xb = one_batch_inputs(self.learn)
             except Exception as e:
                 if required: raise RuntimeError(f"SparsifyCallback: could not draw a batch from `learn.dls` to run through the model: {e!r}") from e
         return self._xb
@@ -395,28 +394,6 @@ class SparsifyCallback(SparsityCheckpoint, Callback):
         rec.sparsify_cbs.append(self)
 
 # %% ../nbs/07_callback.ipynb #cd70c962
-@contextlib.contextmanager
-def _rng_kept(dl):
-    "Restore Python's, numpy's, torch's and `dl`'s random generators on exit"
-    py, npy, rng = random.getstate(), np.random.get_state(), getattr(dl, 'rng', None)
-    rng_state = rng.getstate() if isinstance(rng, random.Random) else None
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        try: yield
-        finally:
-            random.setstate(py); np.random.set_state(npy)
-            if rng_state is not None: rng.setstate(rng_state); dl.rng = rng
-
-def _one_batch_inputs(learn)->tuple:
-    "The inputs `xb` of one batch of `learn.dls` (the validation set's, if any), on the model's device, drawn without moving any random generator"
-    dls = learn.dls
-    loaders = getattr(dls, 'loaders', [getattr(dls, 'train', None)])
-    dl = first(d for d in list(loaders[1:2]) + [loaders[0]] if d is not None and len(d))
-    with _rng_kept(dl): b = dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))
-    b = learn._set_device(b)
-    n_inp = getattr(dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)
-    return tuple(b[:n_inp])
-
 @torch.no_grad()
 def _materialise(model, xb):
     "Run inputs `xb` through `model` (evaluation mode, no gradients) so that its lazy modules create their parameters"
