@@ -6,8 +6,8 @@ Docs: https://fasterprune.github.io/fasterprune/sparsifier.html.md"""
 
 # %% auto #0
 __all__ = ['scopes', 'LazyScores', 'kth_smallest', 'select_smallest', 'check_sparsity', 'ParamWeight', 'prunable_layers',
-           'unwrap_model', 'Sparsifier', 'check_links', 'check_options', 'pruned_since', 'zero_at', 'world_size',
-           'mul_units', 'state_mirrors', 'keeps_zeros']
+           'unwrap_model', 'Sparsifier', 'check_links', 'check_options', 'pruned_since', 'zero_at', 'stable_order',
+           'world_size', 'mul_units', 'state_mirrors', 'keeps_zeros']
 
 # %% ../nbs/06_sparsifier.ipynb #66014b76
 import math, numbers, fnmatch, contextlib, sys, warnings, re
@@ -658,7 +658,7 @@ def _queue(self:Sparsifier, units, scope, ahead:int):
     heads = [u[0] for u in units]
     kept = [self.masks[l.name].reshape(-1) if l.name in self.masks else torch.ones(l.grouping.n_groups, dtype=torch.bool, device=l.weight.device)
             for l in heads]
-    return _plan(heads, self._group_scores(units, scope), [~k for k in kept], ahead, kept, scope)
+    return _plan(heads, self._group_scores(units, scope), [~k for k in kept], ahead, scope)
 
 @patch
 def _kept_now(self:Sparsifier, heads):
@@ -667,16 +667,37 @@ def _kept_now(self:Sparsifier, heads):
     if any(m is None or l.grouping.nm for l, m in zip(heads, ms)): return None
     return [m.reshape(-1) for m in ms]
 
-def _plan(heads, g, pruned, ahead, kept, scope, tops:dict=None)->dict:
-    "The queue: units and groups in the order the next selections take them, up to the `ahead` smallest of `g`: those `pruned` does not hold yet"
-    later = select_smallest(g, ahead, kept)
-    if scope == 'global' and any(_all(p) for l, p in zip(heads, later)): later = select_smallest(_protect_best(heads, g), ahead, kept)
+def stable_order(x:np.ndarray, # flat float32 scores, all finite
+                )->np.ndarray: # int64 indices
+    "`np.argsort(x, kind='stable')`, three times faster: each score's bits made sortable as an integer, its index below them, one SIMD sort"
+    if len(x) >= 1 << 32: return np.argsort(x, kind='stable')
+    b = (x + np.float32(0)).view(np.uint32) # -0 becomes +0: equal scores stay equal
+    key = np.where(b >> 31 == 1, ~b, b | np.uint32(1 << 31)).astype(np.uint64) << np.uint64(32) # order-preserving: negatives reversed
+    key |= np.arange(len(x), dtype=np.uint64) # equal scores: the earlier index first
+    key.sort()
+    return (key & np.uint64(0xffffffff)).astype(np.int64)
+
+def _bound(arrays:list, k:int)->float:
+    "A value at or above the `k`-th smallest over `arrays` (exact on small ones; else a sample's upper bound, missed only rarely)"
+    n = sum(len(a) for a in arrays)
+    if n <= _SMALL: return _Numpy.kth(np.concatenate(arrays), k)
+    stride = max(1, n // _SAMPLE)
+    sample = np.concatenate([a[::stride] for a in arrays])
+    m, q = len(sample), k / n
+    return _Numpy.kth(sample, 1 + min(m - 1, int((q + 4 * math.sqrt(q * (1 - q) / m) + 2 / m) * m)))
+
+def _plan(heads, g, pruned, ahead, scope, tops:dict=None)->dict:
+    "The queue: the groups `pruned` does not hold whose scores `g` are at most a bound on the `ahead`-th smallest, in the order selections take them"
+    arrays = [gi.detach().reshape(-1).float().cpu().numpy() for gi in g] # numpy views on the CPU: several times faster
+    hi = _bound(arrays, ahead) # a few more than `ahead` - k groups: a step that goes past them ranks again
     us, idx, sc = [], [], []
-    for i, (gi, a, b) in enumerate(zip(g, later, pruned)): # on numpy views where all is on the CPU: several times faster
-        a, b, gi = a.cpu().numpy(), b.cpu().numpy(), gi.detach().reshape(-1).float().cpu().numpy()
-        new = np.flatnonzero(a > b) # taken at `ahead`, not pruned now
-        us.append(np.full(len(new), i)); idx.append(new); sc.append(gi[new])
-    order = np.argsort(np.concatenate(sc), kind='stable') # equal scores: the earlier unit, then the earlier group, as `select_smallest`
+    for i, (l, a, b) in enumerate(zip(heads, arrays, pruned)):
+        left = ~b.cpu().numpy()
+        new = np.flatnonzero((a <= hi) & left) # not pruned now, taken by `ahead` (or a little later)
+        if scope == 'global' and not l.grouping.nm and len(new) and len(new) == np.count_nonzero(left): # a layer never loses all
+            new = new[new != len(a) - 1 - int(np.argmax(a[::-1]))] # its best group (the last of equals) stays
+        us.append(np.full(len(new), i)); idx.append(new); sc.append(a[new])
+    order = stable_order(np.concatenate(sc)) # equal scores: the earlier unit, then the earlier group, as `select_smallest`
     return dict(unit=torch.from_numpy(np.concatenate(us)[order]), group=torch.from_numpy(np.concatenate(idx)[order]), tops=tops or {})
 
 @patch
@@ -695,7 +716,7 @@ def _select(self:Sparsifier, units, k, scope, ahead:int=None):
         g = _protect_best(heads, g); pruned = select_smallest(g, k, kept)
     plan = None
     if ahead is not None and ahead > k and not lazy:
-        plan = _plan(heads, g, pruned, ahead, kept, scope, {l.name: tops[l.name] for u in units for l in u if l.name in tops})
+        plan = _plan(heads, g, pruned, ahead, scope, {l.name: tops[l.name] for u in units for l in u if l.name in tops})
     kept = None # let the old masks go as the new ones are made: memory stays near the masks' size
     for i, u in enumerate(units):
         keep, pruned[i] = pruned[i].logical_not_(), None # in place, and let go as we go: memory stays near the masks' size
@@ -754,9 +775,12 @@ def _from_plan(self:Sparsifier, key, units, k)->bool:
     "Prune pool `key` to `k` groups from its plan, without scoring, if the plan covers the way from its current count to `k`"
     p = self.plans.get(key)
     if p is None or p['at'] != self.counts.get(key) or not p['at'] <= k <= p['base'] + len(p['unit']): return False
-    us, idx = (p[n][p['at'] - p['base']:k - p['base']] for n in ('unit', 'group'))
-    for u in us.unique().tolist():
-        sel = idx[us == u]
+    us, idx = (p[n][p['at'] - p['base']:k - p['base']].numpy() for n in ('unit', 'group'))
+    order = np.argsort(us, kind='stable') # by unit, each unit's groups in queue order
+    us, idx = us[order], idx[order]
+    cuts = [0, *(np.flatnonzero(us[1:] != us[:-1]) + 1).tolist(), len(us)] if len(us) else [0]
+    for a, b in zip(cuts, cuts[1:]):
+        u, sel = int(us[a]), torch.from_numpy(idx[a:b])
         for l in units[u]: # a new mask, not the old one changed: whoever holds the old masks sees what changed
             m = self.masks[l.name].clone()
             if l.grouping.nm: l.grouping.prune_blocks(m, sel, p['tops'][l.name])

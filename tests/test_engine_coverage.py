@@ -2,6 +2,7 @@
 outputs and inputs are protected, every norm after a pruned unit is silenced, the numbers come from the masks and say
 what is covered, gradient criteria never rank by position, lazy and empty layers get a clear answer."""
 import warnings
+import numpy as np
 
 import pytest
 import torch
@@ -446,3 +447,18 @@ def test_queue_gives_every_steps_masks_and_ranks_again_when_it_must(granularity,
     assert not any(ranked[i] for i in range(1, 20) if i % 10) # within a queue on the way up: nothing scored
     assert any(ranked[i] for i in range(26, 50) if i % 10) # on the way down the queue does not apply: ranked again
     assert sd['plans'] and all(isinstance(p['unit'], torch.Tensor) and p['base'] <= p['at'] for p in sd['plans'].values())
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_stable_order_is_numpys_stable_argsort(seed):
+    "The queue's order: the same permutation as `np.argsort(kind='stable')`, with negatives, -0.0 against +0.0, infinities and runs of ties"
+    from fasterprune.sparsifier import stable_order
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(20_000).astype(np.float32)
+    x[rng.integers(0, len(x), 3000)] = 0.
+    x[rng.integers(0, len(x), 3000)] = -0.
+    x[rng.integers(0, len(x), 500)] = x[7]
+    x[rng.integers(0, len(x), 20)] = np.inf
+    x[rng.integers(0, len(x), 20)] = -np.inf
+    np.testing.assert_array_equal(stable_order(x), np.argsort(x, kind='stable'))
+    assert stable_order(x[:0]).shape == (0,) and stable_order(x[:1]).tolist() == [0]
