@@ -21,13 +21,15 @@ from .lookahead import lookahead_score, lookahead_normalize
 
 # %% ../nbs/03_criteria.ipynb #33b85d93
 class Layer:
-    "A layer being pruned, as criteria see it"
+    "A layer being pruned: what criteria score, and what the sparsifier masks with it (one record per pruned layer)"
     def __init__(self,
                  name:str, # qualified module name in the model
                  module:nn.Module, # the module, with a `weight`
                  grouping=None, # its `Grouping`
-                 index:int=0, # position among the pruned layers
                  graph=None, # the model's `ModelGraph`, for neighbours
+                 target:float=None, # its target sparsity (the sparsifier's, or its `layer_sparsity` entry)
+                 tied:list=(), # `(name, module)` of the other layers that share its weight and index their outputs the same way
+                 norms:list=(), # the normalisation layers whose per-unit γ and β a filter mask of it zeroes
                 ): store_attr()
     @property
     def weight(self): return self.module.weight

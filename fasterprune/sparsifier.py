@@ -366,15 +366,15 @@ class Sparsifier:
         order = {n: i for i, n in enumerate(dict(model.named_modules()))}
         self.skipped = dict(sorted(self.skipped.items(), key=lambda kv: _rank(order, kv[0])))
         if self.skipped: warnings.warn(_skipped_message(granularity, self.skipped), stacklevel=2)
-        self.targets = self._targets([n for n, _ in pairs], layer_sparsity)
+        targets = self._targets([n for n, _ in pairs], layer_sparsity)
         for gr in groupings:
-            if gr.nm and (t := self.targets[gr.layer]) > (cap := 1 - gr.nm[0] / gr.nm[1]):
+            if gr.nm and (t := targets[gr.layer]) > (cap := 1 - gr.nm[0] / gr.nm[1]):
                 if gr.layer in self.local_only:
                     raise ValueError(f"`layer_sparsity` gives layer `{gr.layer}` {t}, above what {granularity!r} can reach on it ({cap:g})")
                 raise ValueError(f"`sparsity`={t} is above what {granularity!r} can reach on layer `{gr.layer}` ({cap:g})")
-        self.layers = [Layer(n, m, gr, i, self.graph) for i, ((n, m), gr) in enumerate(zip(pairs, groupings))]
-        self.tied = {n: us for n, m in pairs if (us := [a for a in tied[n] if _same_outputs(m, a[1])])}
-        self.bns = {l.name: self._norms(l) for l in self.layers}
+        self.layers = [Layer(n, m, gr, self.graph, targets[n], [a for a in tied[n] if _same_outputs(m, a[1])])
+                       for (n, m), gr in zip(pairs, groupings)] # one record per pruned layer; masks and criterion state change, and live below
+        for l in self.layers: l.norms = self._norms(l)
         self.units = self._units(links)
         self.state = {l.name: s for l in self.layers if (s := self.criterion.init_state(l)) is not None}
         self.masks, self.counts, self.by_magnitude, self._magnitude, self._warned = {}, {}, set(), set(), set()
@@ -407,7 +407,7 @@ def _check_left(self:Sparsifier, pairs):
 def _norms(self:Sparsifier, l)->list:
     "The normalisation layers after `l` (and after its tied users) whose per-unit γ and β a filter mask of `l` zeroes"
     if self.graph is None: return []
-    names = [l.name, *(a for a, _ in self.tied.get(l.name, []))]
+    names = [l.name, *(a for a, _ in l.tied)]
     out, C = [], out_units(l.module)
     for n in names:
         for b in self.graph.following_norms(n):
@@ -476,7 +476,7 @@ def _units(self:Sparsifier, links):
         if len({l.grouping.n_groups for l in ls}) > 1:
             raise ValueError(f"`links`: linked layers need as many groups as each other; {names} have "
                              f"{[l.grouping.n_groups for l in ls]} {self.granularity!r} groups")
-        if len({(self.targets[n], n in self.local_only) for n in names}) > 1:
+        if len({(l.target, l.name in self.local_only) for l in ls}) > 1:
             raise ValueError(f"`links`: linked layers {names} need one target; `layer_sparsity` gives them different ones")
         for n in names: owner[n] = len(sets)
         sets.append(tuple(ls))
@@ -526,7 +526,7 @@ def group_counts(self:Sparsifier, share:float=1.)->dict:
             out[key] = min(round(self.sparsity * share * n), sum(_cap(g) for g in gs))
         else:
             gr = us[0][0].grouping
-            out[key] = min(_n_prunable(gr, self.targets[key] * share), _cap(gr))
+            out[key] = min(_n_prunable(gr, us[0][0].target * share), _cap(gr))
     return out
 
 # %% ../nbs/06_sparsifier.ipynb #4b83d36c
@@ -765,7 +765,7 @@ def prune(self:Sparsifier, sparsity:float=None):
     "Prune at once to `sparsity` (default: the sparsifier's target) and return the sparsifier"
     if sparsity is not None:
         self.sparsity = check_sparsity(sparsity)
-        self.targets = {n: (v if n in self.local_only else self.sparsity) for n, v in self.targets.items()}
+        for l in self.layers: l.target = l.target if l.name in self.local_only else self.sparsity
     self.update(1., force=True)
     return self
 
@@ -827,12 +827,12 @@ def _from_rank0(self:Sparsifier,
 @patch
 def _out_params(self:Sparsifier, l)->list:
     "The parameters a filter mask of `l` zeroes besides its weight: its bias, its tied users' biases, the norms after them"
-    mods = [l.module, *(m for _, m in self.tied.get(l.name, []))]
+    mods = [l.module, *(m for _, m in l.tied)]
     ps = [m.bias for m in mods if isinstance(getattr(m, 'bias', None), torch.Tensor)]
-    return ps + [p for bn in self.bns[l.name] for p in (bn.weight, bn.bias) if p is not None]
+    return ps + [p for bn in l.norms for p in (bn.weight, bn.bias) if p is not None]
 
 @patch
-def _targets_of(self:Sparsifier, l, attr='data'):
+def _masked_tensors(self:Sparsifier, l, attr='data'):
     "The tensors a mask of `l` applies to: weight and, for filters, bias and BatchNorm"
     return getattr(l.module.weight, attr), [getattr(p, attr) for p in self._out_params(l)]
 
@@ -848,7 +848,7 @@ def _mask_tensors(self:Sparsifier, attr, layers=None):
     for l in (self.layers if layers is None else layers):
         m = self.masks.get(l.name)
         if m is None: continue
-        w, extra = self._targets_of(l, attr) # a frozen weight has no gradient; its bias and norms may have
+        w, extra = self._masked_tensors(l, attr) # a frozen weight has no gradient; its bias and norms may have
         if m.device != l.module.weight.device: m = self.masks[l.name] = m.to(l.module.weight.device)
         if w is not None: l.grouping.apply(w, m)
         om = l.grouping.out_mask(m)

@@ -60,7 +60,7 @@ class DeadStaysDead(Callback):
             assert not any(t[dead].any() for t in states(l.weight))
             if sp.granularity == 'filter':
                 out_dead = ~sp.masks[l.name].reshape(-1)
-                for bn in sp.bns[l.name]:
+                for bn in l.norms:
                     for p in (bn.weight, bn.bias):
                         assert not p[out_dead].any()
                         assert not any(t[out_dead].any() for t in states(p))

@@ -424,7 +424,7 @@ def test_filter_and_channel_mean_what_they_say(spec, seed, s, act, gran, scope):
     with torch.no_grad():
         y = model(x)
         if gran == 'filter':
-            assert sp.bns['0'] == [bn]
+            assert sp.layers[0].norms == [bn]
             assert bool((y[:, ~keep] == 0).all()), 'a pruned filter still produces an output after its BatchNorm'
             assert bool((bn.weight[~keep] == 0).all() and (bn.bias[~keep] == 0).all())
             if m.bias is not None: assert bool((m.bias[~keep] == 0).all())
@@ -647,7 +647,7 @@ def test_filter_pruning_zeroes_bias_and_bn_of_resnet18(scope, criterion):
     assert len(pairs) == 20
     for l in sp.layers:
         assert [mods[b] for b in sp.graph.following_bns(l.name)] == ([mods[pairs[l.name]]] if l.name in pairs else [])
-        assert sp.bns[l.name] == ([mods[pairs[l.name]]] if l.name in pairs else [])
+        assert l.norms == ([mods[pairs[l.name]]] if l.name in pairs else [])
     checked = 0
     for l in sp.layers:
         keep = sp.masks[l.name].reshape(-1)
@@ -687,7 +687,7 @@ def test_bn_binding_with_hooks():
         warnings.simplefilter('ignore')
         sp = Sparsifier(model, 0.5, 'filter', sample_input=torch.randn(2, 3, 8, 8), include='*').prune()
     assert sp.graph.mode == 'hooks'
-    assert sp.bns == {'conv': [model.bn], 'conv2': [model.bn2]}
+    assert {l.name: l.norms for l in sp.layers} == {'conv': [model.bn], 'conv2': [model.bn2]}
     for conv, bn in (('conv', model.bn), ('conv2', model.bn2)):
         keep = sp.masks[conv].reshape(-1)
         assert int((~keep).sum()) == 4 and bool((bn.weight[~keep] == 0).all()) and bool((bn.bias[~keep] == 0).all())

@@ -202,7 +202,7 @@ def test_pruned_unit_outputs_exactly_zero_after_its_norm(kind, train):
         if hasattr(norm, 'running_mean'): norm.running_mean.normal_(); norm.running_var.uniform_(0.5, 2)
     layer = '1' if kind == 'layernorm' else '0'
     sp = Sparsifier(model, 0.5, 'filter').prune()
-    assert sp.bns[layer] == [norm]
+    assert {l.name: l.norms for l in sp.layers}[layer] == [norm]
     keep = sp.masks[layer].reshape(-1)
     assert int((~keep).sum()) == 4
     x = torch.randn(3, 4, 7, 7) if kind != 'layernorm' else torch.randn(3, 4, 5, 5)
