@@ -30,6 +30,7 @@ from .learner import learner_keeps_zeros, mirrors_of, sparsity_history, drop_met
 _engine_opts = tuple(k for k in signature(Sparsifier).parameters if k not in ('model', 'sparsity', 'criterion', 'sample_input', 'links'))
 
 def _needs_graph(granularity, criterion)->bool:
+    "Whether the engine needs the model's graph (and so a sample input) for `granularity` and `criterion`"
     return granularity in ('filter', 'channel') or bool(getattr(criterion, 'needs_graph', False))
 
 # %% ../nbs/07_callback.ipynb #91bd6911
@@ -62,10 +63,12 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
         self._clean_all, self._hold, self._by_batch, self._apply_every_step = True, False, False, True
 
     def __call__(self, event_name):
+        "fastai's event call; `before_fit` switches the callback on first"
         if event_name == 'before_fit': self.run = True # whatever an interrupted `lr_find`, `validate` or `get_preds` left
         return super().__call__(event_name)
 
     def __repr__(self):
+        "The callback's main arguments"
         return (f"SparsifyCallback({self.sparsity}, {getattr(self.schedule, '__name__', self.schedule)}, {self.granularity!r}, "
                 f"{self.criterion!r}, {self.scope!r})")
 
@@ -204,6 +207,7 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
         return sp.report()
 
     def _new_sparsifier(self)->Sparsifier:
+        "The engine on `learn.model`, with the callback's options (and a sample batch, if it needs the graph and none was given)"
         sample = self.sample_input
         if sample is None and _needs_graph(self.granularity, self.criterion): sample = self._sample_xb(required=False)
         return Sparsifier(self.learn.model, self.sparsity, criterion=self.criterion, sample_input=sample, links=self.links,
@@ -226,6 +230,7 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
         return self._xb
 
     def _check_neighbours(self):
+        "No other `SparsifyCallback` on this `Learner` has this one's name, or prunes any of its layers"
         mine = {id(l.weight): l.name for l in self.sparsifier.layers}
         for cb in self.learn.cbs:
             if cb is self or not isinstance(cb, SparsifyCallback): continue
@@ -241,7 +246,9 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
         return self.sparsifier.sparsity_achieved(of='groups')
 
     @property
-    def _where(self)->str: return f"optimizer step {self.step}, epoch {self.epoch}, batch {self.iter}"
+    def _where(self)->str:
+        "Where the fit is, for an error message"
+        return f"optimizer step {self.step}, epoch {self.epoch}, batch {self.iter}"
 
     def _after_change(self):
         "After a mask change: rewind (`lth`), then zero the optimizer state, master copies and slow weights of what was pruned"
