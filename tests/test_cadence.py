@@ -10,7 +10,7 @@ from fastai.basics import Learner, CrossEntropyLossFlat, set_seed
 from fastai.callback.all import SaveModelCallback
 from fastai.callback.schedule import fit_one_cycle # noqa: F401 (patches Learner)
 
-import fasterprune.callback as fcb
+import fasterprune.cadence as fcad
 from fasterprune.callback import SparsifyCallback
 from fasterprune.schedules import one_cycle, one_shot
 from fasterprune.demo import digits_dls, small_cnn
@@ -35,7 +35,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch):
     c = Clock()
-    monkeypatch.setattr(fcb, 'time', c)
+    monkeypatch.setattr(fcad, 'time', c)
     return c
 
 def recomputes(cb):
@@ -91,12 +91,12 @@ def test_resumed_auto_fit_recomputes_where_the_uninterrupted_one_did(dls, tmp_pa
         c = SparsifyCallback(0.85, scope='global')
         c.budget, c.min_rankings = 0.25, 1 # cadence 4 under the clock: when the last ranking was decides when the next one is
         return c
-    monkeypatch.setattr(fcb, 'time', Clock())
+    monkeypatch.setattr(fcad, 'time', Clock())
     full = quiet_fit(mk(dls, cb(), tmp_path/'full'), 3)
-    monkeypatch.setattr(fcb, 'time', Clock())
+    monkeypatch.setattr(fcad, 'time', Clock())
     run = quiet_fit(mk(dls, cb(), tmp_path/'run'), 3, cbs=SaveModelCallback(every_epoch=True, with_opt=True, fname='ckpt'))
     assert run.sparsify.cadence == full.sparsify.cadence == 4
-    monkeypatch.setattr(fcb, 'time', Clock())
+    monkeypatch.setattr(fcad, 'time', Clock())
     resumed = mk(dls, cb(), tmp_path/'run', seed=1).load('ckpt_0', with_opt=True)
     with warnings.catch_warnings():
         warnings.simplefilter('error')

@@ -149,11 +149,11 @@ def fit(cfg, rank=None, cnn=False, distrib_ctx=False):
     sparsify = SparsifyCallback(SPARSITY, **{'update_every': 1, **cfg})
     cbs = ([DDP()] if rank is not None and not distrib_ctx else []) + [sparsify, probe]
     if sparsify.update_every == 'auto':
-        import fasterprune.callback as fcb
+        import fasterprune.cadence as fcad # the clock the cadence reads
         class Clock: # every reading one second later: a recompute and a step each "take" one second
             now = 0.
             def perf_counter(self): self.now += 1.; return self.now
-        fcb.time, sparsify.budget, sparsify.min_rankings = Clock(), (0.02 if not rank else 1.), 1 # alone, rank 1 would choose 1, rank 0 16
+        fcad.time, sparsify.budget, sparsify.min_rankings = Clock(), (0.02 if not rank else 1.), 1 # alone, rank 1 would choose 1, rank 0 16
     dls = dls_for(None if distrib_ctx else rank, cnn, bs=BS if distrib_ctx else None) # `distrib_ctx` splits the data
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=cbs)
     with learn.no_bar(), learn.no_logging():
@@ -166,8 +166,8 @@ def fit(cfg, rank=None, cnn=False, distrib_ctx=False):
             DistributedDL._broadcast = _broadcast
             with learn.distrib_ctx(sync_bn=False, cpu=True): learn.fit_one_cycle(EPOCHS, LR)
         else: learn.fit_one_cycle(EPOCHS, LR)
-    import time, fasterprune.callback as fcb
-    fcb.time = time # the real clock again
+    import time, fasterprune.cadence as fcad
+    fcad.time = time # the real clock again
     sp = learn.sparsify.sparsifier
     return dict(masks=dict(sp.masks), state=sp.state, counts=sp.counts, weights=learn.model.state_dict(),
                 params={k: p.detach().clone() for k, p in learn.model.named_parameters()},
