@@ -43,7 +43,7 @@ class Pacer:
               resumed:bool=False, # a run resumed from a checkpoint goes on from its last ranking
              ):
         "Start a run of `total` optimizer steps: count its rankings, and time its first steps while 'auto' chooses the cadence"
-        self.total, self.n_updates, self._times, self._t0 = total, 0, dict(step=[], update=[]), None
+        self.total, self.n_updates, self._times, self._t0, self._graded = total, 0, dict(step=[], update=[]), None, False
         if not resumed: self._last_update = None
 
     def prune_at(self,
@@ -54,6 +54,7 @@ class Pacer:
                 )->bool: # whether a mask changed
         "Prune to `schedule(pos)` at optimizer `step`: rank again every `update_every` steps, or (with 'auto') `cadence` steps after the last ranking"
         self._scheduled = share = float(self.schedule(1. if last else step_pos(step, self.total)))
+        if not (last or self._has_gradients()): return False # a gradient criterion ranks nothing before the run's first backward pass
         auto, rank, changed = self.update_every == 'auto', self._due(step, last), False # 'auto' between rankings: a changed count takes the queued groups
         if auto or rank:
             t = time.perf_counter()
@@ -93,6 +94,12 @@ class Pacer:
         bad = [l.name for l in self.sparsifier.layers if not bool(torch.isfinite(l.weight).all())]
         if bad: raise FloatingPointError(f"the weights of layer{'s' if len(bad) > 1 else ''} {', '.join(f'`{n}`' for n in bad)} hold NaN or inf "
                                          f"(found at {at}, from a non-finite loss)")
+
+    def _has_gradients(self)->bool:
+        "Whether the criterion can rank: it needs no gradient, or some pruned layer has seen one (a layer that never does, frozen, is scored by magnitude, with a warning)"
+        c, sp = self.sparsifier.criterion, self.sparsifier
+        self._graded = self._graded or not c.needs_grad or any(c.ready(l, sp.state.get(l.name)) for l in sp.layers)
+        return self._graded
 
     def _due(self, step:int, last:bool)->bool:
         "Whether this step ranks the weights again: every n-th step with an int `update_every`; `cadence` steps after the last ranking with 'auto'"

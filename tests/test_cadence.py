@@ -106,3 +106,26 @@ def test_resumed_auto_fit_recomputes_where_the_uninterrupted_one_did(dls, tmp_pa
     assert [s for s in recomputes(a) if s > len(dls.train)] == [s + len(dls.train) for s in recomputes(b)]
     for k, m in a.sparsifier.masks.items(): assert torch.equal(m, b.sparsifier.masks[k]), k
     for k, w in full.model.state_dict().items(): assert torch.equal(w, resumed.model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize('crit', ['movement', 'taylor'])
+def test_gradient_criteria_wait_for_the_first_gradient(dls, crit):
+    "An ordinary fit with a gradient criterion gives no 'no gradient yet' warning (nothing is ranked before the first backward pass)"
+    cb = SparsifyCallback(0.8, criterion=crit)
+    learn = mk(dls, cb)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        quiet_fit(learn)
+    assert not [w for w in ws if 'no gradient yet' in str(w.message)], [str(w.message) for w in ws]
+    assert not cb.sparsifier.by_magnitude and cb.sparsifier.sparsity_achieved() == pytest.approx(0.8, abs=1e-3)
+    assert cb._hist['achieved'][0] == 0 and cb._hist['achieved'][1] > 0 # the first step waited, the second pruned
+
+
+def test_a_frozen_layer_still_warns(dls):
+    "A layer that never gets a gradient is scored by magnitude, and the warning names it"
+    cb = SparsifyCallback(0.8, criterion='movement')
+    learn = mk(dls, cb)
+    first_conv = next(m for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match='has seen no gradient yet for 1 layer'): quiet_fit(learn)
+    assert len(cb.sparsifier.by_magnitude) == 1

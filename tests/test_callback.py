@@ -55,6 +55,7 @@ class DeadStaysDead(Callback):
     def after_step(self):
         sp, states = self.sparsify.sparsifier, state_mirrors(self.opt)
         for l in sp.layers:
+            if l.name not in sp.masks: continue # a gradient criterion ranks nothing before the first backward pass
             dead = ~l.grouping.weight_mask(sp.masks[l.name])
             assert not l.weight[dead].any()
             assert not any(t[dead].any() for t in states(l.weight))
