@@ -360,10 +360,10 @@ def main():
     print(text)
     if args.write: write(text, args.results)
 
-SHORT_FIT = ("On a 50-step fit the default ranks at every step by design: it ranks at least `min_rankings` (32) times per "
-             "fit, because a queue older than a 32nd of the fit was measured to cost accuracy (section \"Mask-update cadence "
-             "and accuracy\"), so its cadence is at most steps ÷ 32, i.e. 1 below 64 steps. Its figures here are therefore "
-             "those of per-step ranking; where the time budget decides, they are in the section on longer fits.")
+SHORT_FIT = ("On a 50-step fit the default's time budget would rank every few steps, but a queue older than a 32nd of the fit "
+             "was measured to cost accuracy (section \"Mask-update cadence and accuracy\"), so it ranks once in each 32nd of "
+             "the fit (`min_rankings`): 32 rankings in 50 steps, against 50 for `update_every=1`; where the time budget "
+             "decides, the figures are in the section on longer fits.")
 
 def long_fits(args):
     "The same fits over `args.epochs` epochs: on a longer fit the default cadence may rank less often than at every step"
@@ -374,9 +374,9 @@ def long_fits(args):
     cmd = ' '.join(['python', 'benchmarks/overhead.py', *sys.argv[1:]])
     text = (f"{LONG_SECTION}\n\nThe runs of the section above over `fit_one_cycle({args.epochs}, 1e-3)`: {25 * args.epochs} optimizer "
             f"steps instead of 50, everything else the same ({args.threads} torch thread{'s' if args.threads > 1 else ''}, "
-            f"runs interleaved in one process, median of {args.reps}). The default cadence ranks at least `min_rankings` (32) "
-            f"times per fit, so on 50 steps it ranks at every step; on a longer fit the time budget (2 % of the step time) "
-            f"decides, up to one ranking every steps ÷ 32. The columns are those of the section above (in callback: CPU "
+            f"runs interleaved in one process, median of {args.reps}). The default ranks once in each 32nd of the fit "
+            f"(`min_rankings`) where its time budget (2 % of the step time) would rank less often, so 32 times on 50 steps; "
+            f"on a longer fit the budget decides. The columns are those of the section above (in callback: CPU "
             f"time inside the callback's events ÷ the rest of the same fit).\n\n{kinds_legend(kinds)}\n\n{table(rows)}\n\n{verdict(rows, {})}\n\n"
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
             f"torch {torch.__version__}; 1-min load average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; total "

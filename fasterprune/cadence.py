@@ -26,7 +26,7 @@ def check_update_every(v):
 class Pacer:
     "Prune `sparsifier` to `schedule(pos)` at every optimizer step of a run, ranking the weights again every `cadence` steps"
     budget = 0.02 # 'auto': the share of the step time that ranking the weights may cost (set on an instance to change it)
-    min_rankings = 32 # 'auto': rank at least this many times over a run (on short runs that beats the budget)
+    min_rankings = 32 # 'auto': rank at least once in each 1/32 of a run (on short runs that beats the budget)
     def __init__(self,
                  sparsifier:Sparsifier=None, # the engine to drive
                  schedule=one_cycle, # share of the target as a function of training progress in [0, 1]
@@ -52,13 +52,14 @@ class Pacer:
                  at:str=None, # where, for a `FloatingPointError` (default: `optimizer step {step}`)
                  then=None, # called after a mask change, before the step is timed (`SparsifyCallback` cleans the optimizer state)
                 )->bool: # whether a mask changed
-        "Prune to `schedule(pos)` at optimizer `step`: rank again every `update_every` steps, or (with 'auto') `cadence` steps after the last ranking"
+        "Prune to `schedule(pos)` at optimizer `step`: rank again every `update_every` steps, or (with 'auto') at the step `_next` names"
         self._scheduled = share = float(self.schedule(1. if last else step_pos(step, self.total)))
         if not (last or self._has_gradients()): return False # a gradient criterion ranks nothing before the run's first backward pass
         auto, rank, changed = self.update_every == 'auto', self._due(step, last), False # 'auto' between rankings: a changed count takes the queued groups
         if auto or rank:
             t = time.perf_counter()
-            queue = auto and not last and (self.cadence or 1) > 1 # ranking at every step (cadence 1, or still timing): no queue
+            nxt = self._next(step if rank else self._last_update)
+            queue = auto and not last and nxt > (step if rank else self._last_update) + 1 # the next step ranks anyway: no queue
             try: changed = self.prune_to(share, force=rank and not auto, fresh=rank, ahead=self._ahead(step, rank) if queue else None)
             except FloatingPointError as e: raise FloatingPointError(f"{e} (at {at or f'optimizer step {step}'})") from e # the engine names the layer; say when, too
             ranked = bool(self.sparsifier.ranked)
@@ -102,22 +103,27 @@ class Pacer:
         return self._graded
 
     def _due(self, step:int, last:bool)->bool:
-        "Whether this step ranks the weights again: every n-th step with an int `update_every`; `cadence` steps after the last ranking with 'auto'"
+        "Whether this step ranks the weights again: every n-th step with an int `update_every`; with 'auto', at the step `_next` names"
         if last: return True
         if self.update_every != 'auto': return step % self.update_every == 0
-        return self.cadence is None or self._last_update is None or step - self._last_update >= self.cadence
+        return self.cadence is None or self._last_update is None or step >= self._next(self._last_update)
+
+    def _next(self, ranked:int)->int:
+        "'auto': the step that ranks again after a ranking at step `ranked`: `cadence` steps later, or, if that is more than 1/`min_rankings` of the run, where the next such slice starts"
+        R, T, n = self.min_rankings, max(self.total, 1), self.cadence or 1
+        if n * R <= T: return ranked + n # scores never older than 1/32 of the run
+        return max(ranked + 1, -(-((ranked * R // T + 1) * T) // R)) # a ranking in each 1/32 of the run: 32 rankings, gaps within one step of T/32
 
     def _ahead(self, step:int, rank:bool)->float:
         "The schedule's share at the next ranking: a ranking queues the groups to prune until then"
-        return float(self.schedule(step_pos((step if rank else self._last_update) + (self.cadence or 1), self.total)))
+        return float(self.schedule(step_pos(self._next(step if rank else self._last_update), self.total)))
 
     def _choose_cadence(self, n_timed:int=3):
-        "Once `n_timed` steps and rankings are timed: the smallest power of two n with ranking ÷ (n · step) <= `budget`, and n <= steps ÷ `min_rankings`"
+        "Once `n_timed` steps and rankings are timed: the smallest power of two n with ranking ÷ (n · step) <= `budget` (`_next` ranks sooner to keep `min_rankings`)"
         steps, updates = self._times['step'], self._times['update']
         if len(steps) < n_timed or len(updates) < n_timed: return
         step, upd = statistics.median(steps), statistics.median(updates)
         n = 1 << max(0, math.ceil(math.log2(max(1., upd / (self.budget * max(step, 1e-9))))))
-        n = min(n, 1 << int(math.log2(max(1, self.total // self.min_rankings)))) # scores never older than ~1/32 of the run
         if world_size() > 1: # every rank recomputes at the same steps: rank 0's choice
             t = torch.tensor([n], device=self.sparsifier.layers[0].weight.device)
             torch.distributed.broadcast(t, 0)

@@ -13,6 +13,7 @@ from fastai.callback.schedule import fit_one_cycle # noqa: F401 (patches Learner
 import fasterprune.cadence as fcad
 from fasterprune.callback import SparsifyCallback
 from fasterprune.schedules import one_cycle, one_shot
+from fastai.callback.core import Callback
 from fasterprune.demo import digits_dls, small_cnn
 
 
@@ -58,18 +59,40 @@ def test_default_is_auto_and_ends_exact(dls):
     assert cb.max_gap < ROUNDING # the counts follow the schedule at every step, between rankings too
 
 
-@pytest.mark.parametrize('budget,min_rankings,cadence', [(0.02, 32, 2), (0.02, 1, 64), (0.25, 1, 4), (1., 1, 1)])
+@pytest.mark.parametrize('budget,min_rankings,cadence', [(0.02, 32, 64), (0.02, 1, 64), (0.25, 1, 4), (1., 1, 1)])
 def test_cadence_from_the_timed_costs(dls, clock, budget, min_rankings, cadence):
-    "Ranking ÷ step = 1 under the fixed clock: cadence = the smallest power of two n with 1 / n <= budget, and at most steps / min_rankings"
+    "Ranking ÷ step = 1 under the fixed clock: cadence = the smallest power of two n with 1 / n <= budget; a ranking every n steps, or one per 1/min_rankings of the fit if that is sooner"
     cb = SparsifyCallback(0.9)
     cb.budget, cb.min_rankings = budget, min_rankings
-    quiet_fit(mk(dls, cb), 3) # 69 steps: 69 // 32 = 2 caps the first case
+    quiet_fit(mk(dls, cb), 3) # 69 steps: 64 · 32 > 69, so the first case ranks once in each 1/32 of the fit
     assert cb.cadence == cadence and cb.timing == dict(step_ms=1e3, update_ms=1e3)
     steps = 3 * len(dls.train)
     pools = len(cb.sparsifier._pools()) # after the timed steps, each pool is ranked once more when its count next changes
-    assert cb.n_updates <= 4 + pools + math.ceil(steps / cadence) + 1 # timed, first queues, one every `cadence` steps, the last
+    spaced = math.ceil(steps / cadence) if cadence * min_rankings <= steps else min_rankings
+    assert cb.n_updates <= 4 + pools + spaced + 1 # timed, first queues, the spaced ones, the last
+    if min_rankings == 32: assert cb.n_updates >= min_rankings and cb.n_updates < steps
     if cadence == 1: assert cb.n_updates == steps
     assert cb.max_gap < ROUNDING and len(recomputes(cb)) > steps // 2 # the masks change at most steps all the same
+
+
+class RankedAt(Callback):
+    "The optimizer steps at which the sparsifier ranked the weights"
+    order = SparsifyCallback.order + 1
+    def before_fit(self): self.steps = []
+    def before_batch(self):
+        if self.training and self.sparsify.sparsifier.ranked: self.steps.append(self.sparsify.step)
+
+
+def test_short_fit_ranks_once_in_each_32nd(dls, clock):
+    "When the budget's cadence is sparser than 1/32 of the fit, a ranking comes at the start of each 1/32 of it: every 32nd has one, gaps within one step of steps/32"
+    cb, at = SparsifyCallback(0.9), RankedAt()
+    quiet_fit(mk(dls, [cb, at]), 3) # 69 steps; under the clock the budget's cadence is 64
+    steps = 3 * len(dls.train)
+    assert cb.cadence * cb.min_rankings > steps
+    assert {s * 32 // steps for s in at.steps} == set(range(32)) and len(at.steps) < steps
+    gaps = [b - a for a, b in zip(at.steps, at.steps[1:] + [steps])]
+    assert max(gaps) <= math.ceil(steps / 32)
+    assert cb.max_gap < ROUNDING and cb._hist['achieved'][-1] == pytest.approx(0.9, abs=1e-3) # the counts at every step all the same
 
 
 def test_auto_takes_a_jump_at_once(dls, clock):
