@@ -236,6 +236,7 @@ def _per_weight(m, v)->torch.Tensor:
     if kind == 'conv1d': return v[:, None]
     k = (1,) * (w.dim() - 2) # kernel positions
     if m.transposed: return v.view(-1, 1, *k) # weight (in, out/groups, *k)
+    if m.groups == 1: return v.view(1, -1, *k) # weight (out, in, *k)
     g, out = m.groups, w.shape[0] # weight (out, in/groups, *k): output channel o reads the channels of group o // (out/g)
     return v.view(g, 1, -1).expand(g, out // g, -1).reshape(out, -1, *k)
 

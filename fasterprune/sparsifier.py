@@ -897,7 +897,7 @@ def stop_observing(self:Sparsifier):
 @patch
 @torch.no_grad()
 def calibrate(self:Sparsifier,
-              batches, # model inputs: tensors, or tuples of a model's positional inputs; on the model's device
+              batches, # model inputs, on the model's device: tensors, or tuples of positional inputs (from a DataLoader of (x, y): `(x for x, _ in dl)`)
              )->Sparsifier:
     "Run `batches` through the model in eval mode, the criterion observing the pruned layers' inputs (`wanda`); then `prune()`"
     was, n = self.model.training, 0
