@@ -6,11 +6,11 @@ Docs: https://fasterprune.github.io/fasterprune/granularities.html.md"""
 
 # %% auto #0
 __all__ = ['conv_types', 'conv_transpose_types', 'weight_layers', 'granularity_table', 'reductions', 'in_units', 'out_units',
-           'register_granularity', 'table_entry', 'parse_nm', 'known_granularities', 'Grouping', 'grouping_problem',
-           'mul_mask']
+           'LayerTable', 'register_granularity', 'table_entry', 'parse_nm', 'known_granularities', 'Grouping',
+           'grouping_problem', 'mul_mask']
 
 # %% ../nbs/02_granularities.ipynb #c7c011fd
-import math, re
+import math, re, sys, warnings
 import numpy as np
 import torch
 from torch import nn
@@ -21,13 +21,18 @@ conv_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 conv_transpose_types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 weight_layers = (nn.Linear,) + conv_types + conv_transpose_types
 
+def _units(m, i):
+    "(in, out) from the table entry's `units` of a layer type without `in_features`/`in_channels` (Hugging Face's `Conv1D`), else None"
+    e = next((granularity_table[t] for t in type(m).__mro__ if t in granularity_table), None) # `table_entry`, defined below
+    return e['units'](m)[i] if e is not None and 'units' in e else None
+
 def in_units(m:nn.Module)->int|None:
     "The input features or channels of layer `m` (None for a module that has neither)"
-    return getattr(m, 'in_features', None) or getattr(m, 'in_channels', None)
+    return getattr(m, 'in_features', None) or getattr(m, 'in_channels', None) or _units(m, 0)
 
 def out_units(m:nn.Module)->int|None:
     "The output features or channels of layer `m` (None for a module that has neither)"
-    return getattr(m, 'out_features', None) or getattr(m, 'out_channels', None)
+    return getattr(m, 'out_features', None) or getattr(m, 'out_channels', None) or _units(m, 1)
 
 # %% ../nbs/02_granularities.ipynb #3c0f8689
 def _conv_view(m, w): return w.view(m.groups, w.shape[0] // m.groups, *w.shape[1:]) # (out, in/g, *k) or (in, out/g, *k)
@@ -42,11 +47,49 @@ def _convT_table(nd): # view (groups, in/g, out/g, *kernel)
     return dict(weight=(), kernel=k, filter=(1,) + k, channel=(2,) + k)
 
 # %% ../nbs/02_granularities.ipynb #ea5419c5
-granularity_table = {
+class LayerTable(dict):
+    "A dict {layer type: entry} that also holds entries for types named by module and class, added once that module is imported"
+    def __init__(self, *args, **kwargs): super().__init__(*args, **kwargs); self.pending = {}
+    def add_lazy(self,
+                 module:str, # the module that defines the class, e.g. 'transformers.pytorch_utils'
+                 name:str, # the class's name in it, e.g. 'Conv1D'
+                 entry:dict, # its table entry
+                ):
+        "Add `entry` for class `module.name` as soon as `module` is imported, without importing it"
+        self.pending[(module, name)] = entry
+        self._load()
+    def _load(self):
+        "Move to the table the pending types whose module is imported (a look-up in `sys.modules`: no import, nearly free)"
+        if not self.pending: return
+        for key in [k for k in self.pending if k[0] in sys.modules]:
+            t, entry = getattr(sys.modules[key[0]], key[1], None), self.pending.pop(key)
+            if not (isinstance(t, type) and issubclass(t, nn.Module)): # another version of that library: say so, prune the rest
+                warnings.warn(f"`granularity_table`: `{key[0]}.{key[1]}` is {t!r}, not a module class: its layers are not "
+                              "pruned (`register_granularity` adds a layer type)", stacklevel=3)
+            elif not dict.__contains__(self, t): dict.__setitem__(self, t, entry) # an entry registered by hand wins
+
+def _loading(name):
+    "dict's method `name`, after the pending types whose module is imported have joined the table"
+    f = getattr(dict, name)
+    def g(self, *args, **kwargs): self._load(); return f(self, *args, **kwargs)
+    g.__name__, g.__doc__ = name, f.__doc__
+    return g
+
+for _n in ('__iter__', '__contains__', '__getitem__', '__len__', 'keys', 'items', 'values', 'get', 'setdefault', 'copy'):
+    setattr(LayerTable, _n, _loading(_n))
+del _n
+
+granularity_table = LayerTable({
     nn.Linear: dict(view=_no_view, in_dim=1, dims=dict(weight=(), filter=(1,), channel=(0,))),
     **{t: dict(view=_conv_view, in_dim=1, dims=_conv_table(nd)) for nd, t in enumerate(conv_types, 1)},
     **{t: dict(view=_conv_view, in_dim=0, in_all_groups=True, dims=_convT_table(nd)) for nd, t in enumerate(conv_transpose_types, 1)},
-}
+})
+
+# %% ../nbs/02_granularities.ipynb #531c6617
+def _in_out(m): return tuple(m.weight.shape) # (in, out)
+
+granularity_table.add_lazy('transformers.pytorch_utils', 'Conv1D',
+                           dict(view=_no_view, in_dim=0, dims=dict(weight=(), filter=(0,), channel=(1,)), units=_in_out))
 
 # %% ../nbs/02_granularities.ipynb #674b4fd4
 def register_granularity(layer_type:type, # the module class, e.g. `nn.Embedding`

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from fastcore.basics import store_attr, patch
 from .granularities import Grouping, mul_mask, granularity_table, known_granularities, reductions, table_entry, out_units, grouping_problem
-from .criteria import Layer, large_final, get_criterion
+from .criteria import Layer, large_final, get_criterion, InputHooks
 from .graph import ModelGraph
 
 # %% ../nbs/06_sparsifier.ipynb #daa22c0a
@@ -343,7 +343,8 @@ class Sparsifier:
         if not isinstance(model, nn.Module): raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
         model = unwrap_model(model) # the names of a plain model: the same on every rank, compiled or not
         store_attr('model,granularity,scope,reduce')
-        params = (granularity == 'weight' or ':' in granularity) and not getattr(self.criterion, 'needs_graph', False)
+        params = (granularity == 'weight' or ':' in granularity) and not getattr(self.criterion, 'needs_graph', False) \
+                 and not getattr(self.criterion, 'needs_inputs', False) # a ParamWeight has no input of its own
         pairs, tied, self.left_out = _collect_layers(model, include, exclude, params) # with attention and recurrent weights where they fit
         self._cands = dict(pairs)
         if not pairs: raise ValueError(f"`model` ({type(model).__name__}) has no prunable layer (Linear, Conv or ConvTranspose with a weight)")
@@ -629,18 +630,19 @@ def _group_scores(self:Sparsifier, units, scope, tops:dict=None):
 
 @patch
 def _waiting(self:Sparsifier, units, scope)->set:
-    "Layers of `units` the criterion cannot rank yet (no gradient seen), with their unit or, in global scope, their whole pool"
+    "Layers of `units` the criterion cannot rank yet (no gradient or input seen), with their unit or, in global scope, their whole pool"
     c = self.criterion
-    if not c.needs_grad: return set()
+    if not (c.needs_grad or getattr(c, 'needs_inputs', False)): return set()
     late = [u for u in units if not all(c.ready(l, self.state.get(l.name)) for l in u)]
     if not late: return set()
     names = {l.name for u in (units if scope == 'global' else late) for l in u} # scores must compare within a ranking
     if 'magnitude' not in self._warned:
         self._warned.add('magnitude')
         wait = [l.name for u in late for l in u if not c.ready(l, self.state.get(l.name))]
-        warnings.warn(f"criterion {c!r} has seen no gradient yet for {len(wait)} layer{'s' if len(wait) > 1 else ''} "
-                      f"({', '.join(f'`{x}`' for x in wait)}): an update before the first backward pass, or frozen layers. "
-                      "Rather than rank all-zero scores by position, they are scored by magnitude (|W|) until they have gradients"
+        what = getattr(c, 'waits_for', 'gradient')
+        warnings.warn(f"criterion {c!r} has seen no {what} yet for {len(wait)} layer{'s' if len(wait) > 1 else ''} "
+                      f"({', '.join(f'`{x}`' for x in wait)}): {getattr(c, 'wait_hint', 'an update before the first backward pass, or frozen layers')}. "
+                      f"Rather than rank all-zero scores by position, they are scored by magnitude (|W|) until they have {what}s"
                       + (", and so is every layer ranked with them (global scope)" if scope == 'global' and len(names) > len(wait) else "")
                       + "; `.by_magnitude` lists them", stacklevel=4)
     return names
@@ -872,6 +874,41 @@ def accumulate(self:Sparsifier):
     for l in self.layers:
         if l.name in self.state: self.criterion.accumulate(l, self.state[l.name])
 
+# %% ../nbs/06_sparsifier.ipynb #3d1171fc
+@patch(as_prop=True)
+def observing(self:Sparsifier)->bool:
+    "Whether the criterion's input hooks are on the model"
+    return getattr(self, '_hooks', None) is not None and self._hooks.active
+
+@patch
+def observe(self:Sparsifier)->InputHooks:
+    "Put the criterion's forward pre-hooks on the pruned layers, if it `needs_inputs` (none otherwise); the handle removes them, also as a context manager"
+    if self.observing: return self._hooks # once: a second call adds no hooks
+    c = self.criterion
+    self._hooks = InputHooks(c, self.layers, self.state) if getattr(c, 'needs_inputs', False) else InputHooks(c, [], {})
+    return self._hooks
+
+@patch
+def stop_observing(self:Sparsifier):
+    "Take the criterion's input hooks off the model (nothing to do when there are none)"
+    if getattr(self, '_hooks', None) is not None: self._hooks.remove()
+    self._hooks = None # a handle holds the hooks' handles, which do not pickle
+
+@patch
+@torch.no_grad()
+def calibrate(self:Sparsifier,
+              batches, # model inputs, on the model's device: tensors, or tuples of positional inputs (from a DataLoader of (x, y): `(x for x, _ in dl)`)
+             )->Sparsifier:
+    "Run `batches` through the model in eval mode, the criterion observing the pruned layers' inputs (`wanda`); then `prune()`"
+    was, n = self.model.training, 0
+    self.model.eval()
+    try:
+        with (contextlib.nullcontext() if self.observing else self.observe()): # hooks already on (in a fit) stay on
+            for b in batches: self.model(*b) if isinstance(b, (tuple, list)) else self.model(b); n += 1
+    finally: self.model.train(was)
+    if not n: raise ValueError("`batches` is empty: calibration needs at least one batch of model inputs")
+    return self
+
 # %% ../nbs/06_sparsifier.ipynb #7cbd913d
 def _torch_opts(opt)->list:
     "`opt` and the optimizers it wraps (fastai's `OptimWrapper` and `Lookahead` keep theirs in `.opt`)"
@@ -995,7 +1032,7 @@ def report(self:Sparsifier)->pd.DataFrame:
     for name, m in self._cands.items(): # pruned and skipped layers, in model order
         if (l := by_name.get(name)) is not None:
             w, (g, p, mw) = l.weight.detach(), self._counts(l)
-            note = 'scored by magnitude until it had gradients' if name in self.by_magnitude else ''
+            note = f"scored by magnitude until it had {getattr(self.criterion, 'waits_for', 'gradient')}s" if name in self.by_magnitude else ''
         elif name in self.skipped: w, (g, p, mw), note = _weight_of(m).detach(), (pd.NA, pd.NA, 0), self.skipped[name]
         else: continue # a tied user of a pruned weight
         rows.append(dict(name=name, type=type(getattr(m, 'of', m)).__name__, shape=tuple(w.shape), params=w.numel(), groups=g,
