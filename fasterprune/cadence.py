@@ -27,6 +27,7 @@ class Pacer:
     "Prune `sparsifier` to `schedule(pos)` at every optimizer step of a run, ranking the weights again every `cadence` steps"
     budget = 0.02 # 'auto': the share of the step time that ranking the weights may cost (set on an instance to change it)
     min_rankings = 32 # 'auto': rank at least once in each 1/32 of a run (on short runs that beats the budget)
+    max_age = 8 # 'auto': and at least once every 8 steps (scores 20 steps old were measured to cost accuracy)
     def __init__(self,
                  sparsifier:Sparsifier=None, # the engine to drive
                  schedule=one_cycle, # share of the target as a function of training progress in [0, 1]
@@ -54,7 +55,7 @@ class Pacer:
                 )->bool: # whether a mask changed
         "Prune to `schedule(pos)` at optimizer `step`: rank again every `update_every` steps, or (with 'auto') at the step `_next` names"
         self._scheduled = share = float(self.schedule(1. if last else step_pos(step, self.total)))
-        if not (last or self._has_gradients()): return False # a gradient criterion ranks nothing before the run's first backward pass
+        if not (last or self._can_rank()): return False # a criterion that learns from the run (movement, taylor, wanda) ranks nothing before it has
         auto, rank, changed = self.update_every == 'auto', self._due(step, last), False # 'auto' between rankings: a changed count takes the queued groups
         if auto or rank:
             t = time.perf_counter()
@@ -96,10 +97,10 @@ class Pacer:
         if bad: raise FloatingPointError(f"the weights of layer{'s' if len(bad) > 1 else ''} {', '.join(f'`{n}`' for n in bad)} hold NaN or inf "
                                          f"(found at {at}, from a non-finite loss)")
 
-    def _has_gradients(self)->bool:
-        "Whether the criterion can rank: it needs no gradient, or some pruned layer has seen one (a layer that never does, frozen, is scored by magnitude, with a warning)"
+    def _can_rank(self)->bool:
+        "Whether the criterion can rank: some pruned layer is `ready` (a gradient or an input seen, if it needs one; a layer that never is, frozen, is scored by magnitude, with a warning)"
         c, sp = self.sparsifier.criterion, self.sparsifier
-        self._graded = self._graded or not c.needs_grad or any(c.ready(l, sp.state.get(l.name)) for l in sp.layers)
+        self._graded = self._graded or any(c.ready(l, sp.state.get(l.name)) for l in sp.layers)
         return self._graded
 
     def _due(self, step:int, last:bool)->bool:
@@ -109,10 +110,11 @@ class Pacer:
         return self.cadence is None or self._last_update is None or step >= self._next(self._last_update)
 
     def _next(self, ranked:int)->int:
-        "'auto': the step that ranks again after a ranking at step `ranked`: `cadence` steps later, or, if that is more than 1/`min_rankings` of the run, where the next such slice starts"
+        "'auto': the step that ranks again after a ranking at step `ranked`: `cadence` steps later, unless that is older than `max_age` steps or 1/`min_rankings` of the run"
         R, T, n = self.min_rankings, max(self.total, 1), self.cadence or 1
-        if n * R <= T: return ranked + n # scores never older than 1/32 of the run
-        return max(ranked + 1, -(-((ranked * R // T + 1) * T) // R)) # a ranking in each 1/32 of the run: 32 rankings, gaps within one step of T/32
+        if n <= self.max_age and n * R <= T: return ranked + n # the budget's spacing is fresh enough
+        if self.max_age * R <= T: return (ranked // self.max_age + 1) * self.max_age # every `max_age` steps
+        return max(ranked + 1, -(-((ranked * R // T + 1) * T) // R)) # once in each 1/32 of the run: gaps within a step of T/32
 
     def _ahead(self, step:int, rank:bool)->float:
         "The schedule's share at the next ranking: a ranking queues the groups to prune until then"

@@ -123,6 +123,7 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
     def before_train(self):
         "Set the step count from the epoch (a resumed fit continues where it stopped); with `lth`, keep the weights of `rewind_epoch`"
         self.step = self.starts[self.epoch]
+        if not self._hold: self.sparsifier.observe() # a criterion that reads the layers' inputs (wanda): hooks on training batches only
         if self.lth and not self._hold and self.epoch == self.rewind_epoch: self.snapshot = take_snapshot(self.sparsifier)
         if self._hist is None: self._hist = sparsity_history(self.learn, self)
 
@@ -159,7 +160,8 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
         self._hist['achieved'].append(self._achieved)
 
     def after_train(self):
-        "After the last epoch's batches: reach the target if skipped batches (`CancelBatchException`) kept the last steps from it"
+        "Take the input hooks off (validation inputs do not feed `wanda`); after the last epoch's batches, reach the target if skipped batches kept the last steps from it"
+        self.sparsifier.stop_observing()
         if self.epoch == self.n_epoch - 1 and not self._hold and not self._at_target(): self.prune_to_target()
 
     def after_cancel_fit(self):
@@ -171,7 +173,8 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
                       "`SparsifyCallback(..., schedule=partial(one_shot, start=0.))`)")
 
     def after_fit(self):
-        "Remove the column; apply the masks, so the model a fit leaves holds every one of them"
+        "Remove the column and any input hooks; apply the masks, so the model a fit leaves holds every one of them"
+        self.sparsifier.stop_observing() # no hook stays on the model after a fit
         drop_metric(self.learn, self._measure)
         self.sparsifier.apply() # whatever else moved the weights
         self.snapshot = None
@@ -216,7 +219,10 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
     def _rebuild(self, layout:dict):
         "A new sparsifier on the layers the model has now, keeping the masks and criterion state of the unchanged ones"
         old, self.sparsifier = self.sparsifier, self._new_sparsifier()
+        observing = old.observing
+        old.stop_observing()
         changes, kept = carry_masks(old, self.sparsifier, self._layout or {}, layout)
+        if observing: self.sparsifier.observe() # the state carried over is what the new hooks update
         self._achieved = self._measure()
         warnings.warn(f"SparsifyCallback: the prunable layers of `learn.model` changed since the sparsifier was built ({changes}): "
                       f"it is rebuilt on the layers the model has now, keeping the masks of the {kept} unchanged layers")

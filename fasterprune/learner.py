@@ -86,6 +86,8 @@ def _fit(self:Learner, *args, **kwargs):
     finally:
         _set_or_del(self, '_sparsify_fit', outer)
         for cb in mine: cb._end_of_fit = None
+        for cb in mine: # a fit that raised skipped `after_fit`: its input hooks (wanda) come off here
+            if (sp := getattr(cb, 'sparsifier', None)) is not None: sp.stop_observing()
 
 @_wrap('fine_tune')
 def _fine_tune(self:Learner, *args, **kwargs):

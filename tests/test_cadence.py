@@ -68,7 +68,9 @@ def test_cadence_from_the_timed_costs(dls, clock, budget, min_rankings, cadence)
     assert cb.cadence == cadence and cb.timing == dict(step_ms=1e3, update_ms=1e3)
     steps = 3 * len(dls.train)
     pools = len(cb.sparsifier._pools()) # after the timed steps, each pool is ranked once more when its count next changes
-    spaced = math.ceil(steps / cadence) if cadence * min_rankings <= steps else min_rankings
+    spaced, s = 0, 0
+    while s < steps: spaced, s = spaced + 1, cb._next(s) # every `cadence` steps, or every `max_age`, or once per 32nd of the fit
+    assert spaced <= max(math.ceil(steps / min(cadence, cb.max_age)), min(min_rankings, steps)) + 1
     assert cb.n_updates <= 4 + pools + spaced + 1 # timed, first queues, the spaced ones, the last
     if min_rankings == 32: assert cb.n_updates >= min_rankings and cb.n_updates < steps
     if cadence == 1: assert cb.n_updates == steps
