@@ -246,7 +246,7 @@ class Wanda(Criterion):
     """Wanda (Sun et al. 2023): |W| times the L2 norm of the input feature each weight reads, from the layers' inputs
 
     sp = Sparsifier(model, 0.5, '2:4', criterion='wanda').calibrate(batches).prune() # one-shot, a few batches
-    with sp.observe(): ... # a plain training loop: hooks on for the loop only (a SparsifyCallback holds them for a fit)
+    with sp.observe(): ... # a plain training loop: hooks on for the loop only (a SparsifyCallback holds them for a fit's training batches)
     """
     needs_inputs = True
     waits_for = 'input'

@@ -89,3 +89,23 @@ def test_filter_keeps_every_class():
     assert rep.loc['fc', 'weight_sparsity'] == 0 and rep.loc['fc', 'note'] # the output layer is left dense, and says why
     assert r['pruned_classes'] == 10 and r['pruned'] > r['dense'] - 0.1, r
     assert abs(r['sparsity'] - 0.7) < 0.02 # the convs reach the target: the share of filters pruned
+
+
+def test_python_m_fasterprune_shows_progress_and_no_third_party_warning():
+    "The real command prints a line per epoch of each fit (not with `--quiet`), and starts without fastai's torch.jit FutureWarning"
+    r = subprocess.run([sys.executable, '-m', 'fasterprune', '--epochs', '1'], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert 'Warning' not in r.stderr, r.stderr
+    epochs = [l.split()[0] for l in r.stdout.splitlines() if ' epoch 1/1 ' in l]
+    assert epochs == ['dense', 'pruned'], r.stdout
+    assert 'pruned accuracy' in r.stdout
+
+
+def test_warning_filter_is_narrow():
+    "The filter of `python -m fasterprune` ignores only torch's own `torch.jit.script` FutureWarning: the same words from anywhere else still show"
+    code = ("import warnings, fasterprune.__main__\n"
+            "warnings.warn('`torch.jit.script` is deprecated. Please switch to `torch.compile`', FutureWarning)\n"
+            "warnings.warn('my own', FutureWarning)\n")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count('FutureWarning') == 2 and 'my own' in r.stderr, r.stderr

@@ -1,6 +1,8 @@
 """The documentation site (issue 8): build it offline with `tools/build_docs.py` into a temporary folder, check that every
 notebook became a page with its module's API entries and that links between pages resolve, then open pages in headless
-Chromium and check from the rendered page (not the HTML source) that they are not blank or broken.
+Chromium and check from the rendered page (not the HTML source) that they are not blank or broken, and that a reader
+meets no warning, memory address, raw TeX, unpadded table cell or API entry shown twice. Every internal link and
+anchor must resolve, and the build's own broken-link report must list exactly what this test finds.
 
 Also, fast: the Quarto configuration stays what nbdev and real Quarto expect, and README.md is what
 `python tools/build_docs.py --readme-only` generates from nbs/index.ipynb.
@@ -24,6 +26,11 @@ BROWSERS = ('chromium', 'chromium-browser', 'google-chrome')
 # the site), the quickstart `plot_sparsity`'s plot, the schedules page `plot_schedules`' plot
 PAGES = {'index': 'index.html', 'quickstart': 'quickstart.html', 'schedules': 'schedules.html', 'sparsifier': 'sparsifier.html'}
 MUST_HAVE_IMAGE = {'index', 'quickstart', 'schedules'}
+# Pages whose warnings are known and being fixed where the page is written (nbs/07_callback.ipynb is being reshaped):
+# their warnings are reported, not failed; a listed page that has become clean fails, so that it leaves this list
+WARNINGS_PENDING = {'callback.html'}
+# Pages with formulas: they must show them rendered (MathML), not as TeX
+MUST_HAVE_MATH = {'schedules.html', 'criteria.html', 'lookahead.html'}
 
 
 def page_name(nb: Path) -> str:
@@ -129,7 +136,7 @@ def serve(root: Path):
 
 
 # Loads a page in a same-origin iframe and reports what the browser rendered, after load: `--dump-dom` returns it.
-CHECKER = """<!doctype html><html><body><pre id="result">pending</pre>
+CHECKER = r"""<!doctype html><html><body><pre id="result">pending</pre>
 <iframe id="f" src="PAGE" style="width:1280px;height:1600px;border:0"></iframe>
 <script>
 const f = document.getElementById('f');
@@ -138,12 +145,27 @@ f.addEventListener('load', () => setTimeout(() => {
   const vis = el => { if (!el) return false; const r = el.getBoundingClientRect(), s = w.getComputedStyle(el);
     return r.width > 0 && r.height > 0 && s.visibility !== 'hidden' && s.display !== 'none' && parseFloat(s.opacity) > 0; };
   const main = d.querySelector('main') || d.body;
-  const res = {url: w.location.pathname, title: d.title, text: (main.innerText || '').trim().length, main_visible: vis(main),
+  let res = {url: w.location.pathname, title: d.title, text: (main.innerText || '').trim().length, main_visible: vis(main),
     h1: [...d.querySelectorAll('h1')].filter(vis).map(h => h.innerText.trim()),
     sidebar: [...d.querySelectorAll('#quarto-sidebar a[href]')].filter(vis).map(a => a.getAttribute('href')),
     images: [...d.images].map(i => ({src: (i.getAttribute('src') || '').slice(0, 40), complete: i.complete,
                                      width: i.naturalWidth, height: i.naturalHeight, shown: vis(i)})),
     cell_errors: d.querySelectorAll('.cell-output-error').length};
+  const text = main.innerText || '', outs = [...main.querySelectorAll('.cell-output')].filter(vis);
+  // what a reader should never meet: warnings (stderr output, warning callouts, a Python warning printed by a cell),
+  // memory addresses, maths left as TeX, table cells without padding, an API entry shown twice
+  res.warnings = [...main.querySelectorAll('.cell-output-stderr, .callout-warning, .callout-important')].filter(vis)
+    .concat(outs.filter(o => /\b[A-Z]\w*Warning: |docments unavailable/.test(o.innerText)))
+    .map(e => e.innerText.trim().slice(0, 300));
+  res.addresses = text.match(/ at 0x[0-9a-fA-F]{4,}/g) || [];
+  res.raw_math = text.match(/\\\[|\\\]|\\\(|\\\)|\\frac|\$\$/g) || [];
+  res.math = main.querySelectorAll('math').length;
+  const cells = [...main.querySelectorAll('td, th')].filter(vis);
+  res.table_cells = cells.length;
+  res.unpadded = cells.filter(c => { const s = w.getComputedStyle(c); return parseFloat(s.paddingLeft) < 3 || parseFloat(s.paddingRight) < 3; })
+    .map(c => c.innerText.trim().slice(0, 30)).slice(0, 5);
+  const api = [...main.querySelectorAll('.cell-output-markdown :is(h2, h3, h4)')].filter(vis).map(h => h.innerText.trim());
+  res.api_twice = [...new Set(api.filter((h, i) => api.indexOf(h) !== i))];
   document.getElementById('result').textContent = JSON.stringify(res);
 }, 300));
 </script></body></html>"""
@@ -197,8 +219,21 @@ def test_docs_site(tmp_path):
             if n in defs and n not in p.headings: problems.append(f'{p.path.name}: no show_doc heading for {py.stem}.{n}')
             elif n not in defs and n not in p.text: notes.append(f'{p.path.name}: {py.stem}.{n} (not a def or class) is not mentioned')
 
-    # Links between pages, and to files of the site, resolve (anchors too, such as nbdev's links to symbols)
+    # No page shows a warning or a memory address (`<object at 0x7f...>`): a reader should not meet either
+    for nb, p in pages.items():
+        shown = (['stderr output (a warning?) of a cell'] if 'cell-output-stderr' in p.html else []) + \
+                (['a warning box'] if re.search(r'class="callout-(warning|important)', p.html) else []) + \
+                re.findall(r'\b[A-Z]\w*Warning: .{0,80}|docments unavailable.{0,40}', p.text)
+        if p.path.name in WARNINGS_PENDING:
+            if not shown: problems.append(f'{p.path.name} shows no warning any more: remove it from WARNINGS_PENDING')
+            for m in shown: notes.append(f'{p.path.name} shows a warning (pending): {m}')
+        else: problems += [f'{p.path.name} shows a warning: {m}' for m in shown]
+        for m in re.findall(r'.{0,40} at 0x[0-9a-fA-F]{4,}', p.text): problems.append(f'{p.path.name} shows a memory address: {m}')
+
+    # Links between pages, and to files of the site, resolve (anchors too, such as nbdev's links to symbols), and the
+    # build reports the same broken links as this check finds
     parsed = lru_cache(None)(Page)
+    broken = set()
     for f in sorted(site.rglob('*.html')):
         here = parsed(f)
         for link in here.links:
@@ -206,11 +241,13 @@ def test_docs_site(tmp_path):
             if u.scheme or link.startswith(('//', 'data:', 'mailto:')): continue
             target = (f.parent / unquote(u.path)).resolve() if u.path else f
             if target.is_dir(): target = target / 'index.html'
-            if not target.exists(): problems.append(f'{f.name}: broken link {link}'); continue
-            if u.fragment and u.path and target.suffix == '.html' and u.fragment not in parsed(target).ids:
-                notes.append(f'{f.name}: {link}: no #{u.fragment} in {target.name}')  # the page opens, at its top
+            if not target.exists(): problems.append(f'{f.name}: broken link {link}'); broken.add((f.name, link)); continue
+            if u.fragment and target.suffix == '.html' and u.fragment not in parsed(target).ids:
+                problems.append(f'{f.name}: {link}: no #{u.fragment} in {target.name}'); broken.add((f.name, link))
         for link in here.links:
             if link.startswith(SITE_URL + '/'): problems.append(f'{f.name}: absolute link into the site {link}')
+    reported = set(re.findall(r'^\[build_docs\] broken link: (\S+): (\S+) \(', r.stderr, re.M))
+    if reported != broken: problems.append(f'the build reports broken links {sorted(reported)}, this check finds {sorted(broken)}')
     for n in notes: warnings.warn(n)
     assert not problems, 'The built site has problems:\n' + '\n'.join(problems)
 
@@ -227,20 +264,30 @@ def test_docs_site(tmp_path):
     srv, base = serve(site)
     try:
         others = {page_name(nb) for nb in notebooks()}
-        images_loaded = 0
-        for key, page in check.items():
+        images_loaded, table_cells, seen = 0, 0, []
+        for page in sorted(others):  # every page, as the browser renders it
             (site / f'_check_{page}').write_text(CHECKER.replace('PAGE', page))
             res = rendered(browser, tmp_path / 'chromium', base, page)
-            print(key, res)
             where = f'{page} in Chromium: {res}'
             assert res['url'].endswith(page), where
             assert res['main_visible'] and res['text'] > 200, f'blank page: {where}'
             assert res['h1'], f'no visible title: {where}'
             assert res['cell_errors'] == 0, f'a cell shows an error: {where}'
-            linked = {page_of(h) for h in res['sidebar']}
-            assert len(linked & others) >= min(3, len(others) - 1) and linked & (others - {page}), f'no sidebar links to the other pages: {where}'
+            if res['warnings'] and page in WARNINGS_PENDING: warnings.warn(f'{page} shows warnings (pending): {res["warnings"]}')
+            elif res['warnings']: seen.append(f'{page} shows warnings: {res["warnings"]}')
+            if res['addresses']: seen.append(f'{page} shows memory addresses: {res["addresses"]}')
+            if res['raw_math']: seen.append(f'{page} shows raw TeX {sorted(set(res["raw_math"]))}: the maths did not render')
+            if page in MUST_HAVE_MATH and not res['math']: seen.append(f'{page} shows no formula')
+            if res['unpadded']: seen.append(f'{page} has table cells without padding: {res["unpadded"]}')
+            if res['api_twice']: seen.append(f'{page} shows API entries twice: {res["api_twice"]}')
+            table_cells += res['table_cells']
             broken = [i for i in res['images'] if not (i['complete'] and i['width'] > 0)]
             assert not broken, f'images that did not load: {where}'
+            key = next((k for k, v in check.items() if v == page), None)
+            if key is None: continue
+            print(key, res)
+            linked = {page_of(h) for h in res['sidebar']}
+            assert len(linked & others) >= min(3, len(others) - 1) and linked & (others - {page}), f'no sidebar links to the other pages: {where}'
             shown = [i for i in res['images'] if i['shown'] and i['width'] > 0]
             if key in MUST_HAVE_IMAGE: assert shown, f'no image loaded: {where}'
             images_loaded += len(shown)
@@ -252,6 +299,8 @@ def test_docs_site(tmp_path):
             colours = Image.open(png).convert('RGB').getcolors(1 << 16)
             assert colours is None or len(colours) > 20, f'{page} renders almost uniform ({len(colours)} colours): {png}'
         assert images_loaded, 'no page showed an image'
+        assert table_cells, 'no page showed a table'
+        assert not seen, 'In Chromium:\n' + '\n'.join(seen)
     finally: srv.shutdown()
 
 

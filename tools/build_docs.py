@@ -21,7 +21,9 @@ only read, apart from the side effects of running its notebooks):
 4. **Post-process** (smalldocs only): smalldocs names pages after their notebooks (`99_config.html`) and ignores
    nbdev's `output-file` front matter (`config.html`), which nbdev's symbol links and module docstrings point to.
    Each page is renamed to its `output-file` and every reference to it rewritten; absolute links into the site's own
-   `site-url` (nbdev's symbol links) become relative, so the site also works offline.
+   `site-url` (nbdev's symbol links) become relative, and the maths is pre-rendered as MathML (`latex2mathml`) instead
+   of KaTeX from a CDN, so the site also works offline. Then links and anchors are checked on the final site (smalldocs'
+   own check runs before the renaming): each broken one is reported as `[build_docs] broken link: PAGE: LINK (why)`.
 
 Then `_docs/` (or `--out DIR`) is replaced by the new site. A notebook that fails stops the build (`--allow-errors`
 renders it anyway, without outputs).
@@ -32,7 +34,7 @@ does just that, in a second and without executing anything.
 
 This script depends on nbdev, execnb, smalldocs and pypandoc only, not on the package it documents.
 """
-import argparse, json, os, posixpath, re, shutil, subprocess, sys, tempfile, time
+import argparse, html, json, os, posixpath, re, shutil, subprocess, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -289,12 +291,61 @@ def postprocess(site: Path, renames: dict[str, str], site_url: str):
         if new != s: f.write_text(new, encoding='utf-8')
 
 
+_re_math = re.compile(r'<span class="math (inline|display)">\\[(\[](.*?)\\[)\]]</span>', re.S)
+_re_katex = re.compile(r'<link [^>]*katex[^>]*>|<script [^>]*katex[^>]*>\s*</script>|<script [^>]*auto-render[^>]*>\s*</script>')
+
+
+def render_math(site: Path):
+    """Pre-render the maths of each page as MathML (which browsers draw natively), so that formulas show offline.
+    smalldocs writes maths as Pandoc does for KaTeX (`<span class="math display">\\[...\\]</span>`) and loads KaTeX
+    from a CDN, which an offline reader, or a site behind a firewall, never gets: the TeX would show raw."""
+    try: from latex2mathml.converter import convert
+    except ImportError: sys.exit('[build_docs] latex2mathml is needed to render the maths offline: pip install latex2mathml (in the dev extra)')
+
+    def mathml(m):
+        kind, tex = m.group(1), html.unescape(m.group(2))
+        try: out = convert(tex, display='block' if kind == 'display' else 'inline')
+        except Exception as e:
+            log(f'could not render the maths {tex!r}: {type(e).__name__}: {e}')
+            return m.group(0)
+        return f'<span class="math {kind}">{out}</span>'
+    for f in site.rglob('*.html'):
+        if 'site_libs' in f.parts: continue
+        s = f.read_text(encoding='utf-8')
+        new = _re_math.sub(mathml, s)
+        if new != s: new = _re_katex.sub('', new)  # every formula is MathML now: no renderer to fetch
+        if new != s: f.write_text(new, encoding='utf-8')
+
+
+def check_links(site: Path) -> list[str]:
+    """Links between the pages of the built site (and to its files) that do not resolve, anchors included, as
+    `page: link (why)`. smalldocs checks links before `postprocess` renames the pages, so its own report is not used."""
+    from urllib.parse import unquote, urlsplit
+    ids, bad = {}, []
+
+    def ids_of(p: Path) -> set:
+        if p not in ids: ids[p] = set(re.findall(r'\sid="([^"]+)"', p.read_text(encoding='utf-8')))
+        return ids[p]
+    for f in sorted(site.rglob('*.html')):
+        if 'site_libs' in f.parts or f.name.startswith('_'): continue
+        for link in re.findall(r'(?:href|src)="([^"]*)"', f.read_text(encoding='utf-8')):
+            u = urlsplit(html.unescape(link))
+            if u.scheme or link.startswith(('//', 'data:', 'mailto:')): continue
+            target = (f.parent / unquote(u.path)).resolve() if u.path else f.resolve()
+            if target.is_dir(): target = target / 'index.html'
+            name = f.relative_to(site).as_posix()
+            if not target.exists(): bad.append(f'{name}: {link} (no such file)')
+            elif u.fragment and target.suffix == '.html' and u.fragment not in ids_of(target):
+                bad.append(f'{name}: {link} (no #{u.fragment} in {target.relative_to(site).as_posix()})')
+    return bad
+
+
 def render_smalldocs(proc: Path) -> Path:
     "Render `_proc` with smalldocs into its `output-dir`; returns it."
     r = subprocess.run([sys.executable, '-m', 'smalldocs.cli', 'render', '-q', str(proc)],
                        capture_output=True, text=True)
-    for line in (r.stdout + r.stderr).splitlines():  # output-file: handled by `postprocess`
-        if line.strip() and 'output-file is not read' not in line: log('smalldocs:', line)
+    for line in (r.stdout + r.stderr).splitlines():  # output-file: handled by `postprocess`; links: checked after it
+        if line.strip() and 'output-file is not read' not in line and 'broken link' not in line: log('smalldocs:', line)
     if r.returncode: sys.exit(f'[build_docs] smalldocs render failed ({r.returncode})')
     return proc / '_docs'
 
@@ -418,6 +469,8 @@ def build_site(root: Path, out: Path, n_workers: int, execute_nbs=True, allow_er
         else:
             site = render_smalldocs(proc)
             postprocess(site, output_names(proc), str(cfg.get('doc_host', '') or '') + str(cfg.get('doc_baseurl', '') or ''))
+            render_math(site)
+        for b in check_links(site): log('broken link:', b)
         os.chdir(cwd)
         replace_dir(site, out)
     finally:
