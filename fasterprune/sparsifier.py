@@ -895,15 +895,14 @@ def stop_observing(self:Sparsifier):
     self._hooks = None # a handle holds the hooks' handles, which do not pickle
 
 @patch
-@torch.no_grad()
 def calibrate(self:Sparsifier,
               batches, # model inputs, on the model's device: tensors, or tuples of positional inputs (from a DataLoader of (x, y): `(x for x, _ in dl)`)
              )->Sparsifier:
-    "Run `batches` through the model in eval mode, the criterion observing the pruned layers' inputs (`wanda`); then `prune()`"
+    "Run `batches` through the model in eval mode while the criterion observes the pruned layers' inputs (`wanda`); returns the sparsifier, ready to `prune()`"
     was, n = self.model.training, 0
     self.model.eval()
     try:
-        with (contextlib.nullcontext() if self.observing else self.observe()): # hooks already on (in a fit) stay on
+        with torch.no_grad(), (contextlib.nullcontext() if self.observing else self.observe()): # hooks already on (in a fit) stay on
             for b in batches: self.model(*b) if isinstance(b, (tuple, list)) else self.model(b); n += 1
     finally: self.model.train(was)
     if not n: raise ValueError("`batches` is empty: calibration needs at least one batch of model inputs")
@@ -945,7 +944,6 @@ def keeps_zeros(opt, # a PyTorch optimizer, or a fastai `Optimizer`, `OptimWrapp
     return type(opt) in tuple(getattr(torch.optim, n) for n in _torch_keeping_zeros)
 
 @patch
-@torch.no_grad()
 def clean_state(self:Sparsifier,
                 opt=None, # a PyTorch optimizer or a fastai `Optimizer`, whose state for the newly pruned weights is zeroed
                 whole:bool=False, # every pruned position, not only those the last `update` pruned (after masks were loaded)
@@ -953,17 +951,18 @@ def clean_state(self:Sparsifier,
                ):
     "Zero the optimizer state of the weights the last `update` pruned (and of pruned filters' bias and norms), so that no step revives them"
     f = mirrors if mirrors is not None else state_mirrors(opt)
-    for l in self.layers:
-        m = self.masks.get(l.name)
-        if m is None or not (whole or l.name in self.pruned_now): continue
-        w, idx = l.module.weight, None if whole else self.pruned_now[l.name]
-        for t in f(w):
-            if idx is not None and t.is_contiguous() and t.numel() == w.numel(): zero_at(t, idx)
-            else: l.grouping.apply(t, m)
-        om = l.grouping.out_mask(m)
-        if om is None: continue
-        for p in self._out_params(l):
-            for t in f(p): mul_units(t, om)
+    with torch.no_grad():
+        for l in self.layers:
+            m = self.masks.get(l.name)
+            if m is None or not (whole or l.name in self.pruned_now): continue
+            w, idx = l.module.weight, None if whole else self.pruned_now[l.name]
+            for t in f(w):
+                if idx is not None and t.is_contiguous() and t.numel() == w.numel(): zero_at(t, idx)
+                else: l.grouping.apply(t, m)
+            om = l.grouping.out_mask(m)
+            if om is None: continue
+            for p in self._out_params(l):
+                for t in f(p): mul_units(t, om)
 
 
 # %% ../nbs/06_sparsifier.ipynb #c15c2806
