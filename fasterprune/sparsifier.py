@@ -679,25 +679,30 @@ def stable_order(x:np.ndarray, # flat float32 scores, all finite
     key.sort()
     return (key & np.uint64(0xffffffff)).astype(np.int64)
 
-def _bound(arrays:list, k:int)->float:
-    "A value at or above the `k`-th smallest over `arrays` (exact on small ones; else a sample's upper bound, missed only rarely)"
+def _bound(arrays:list, k:int, lefts:list)->float:
+    "A value at or above the `k`-th smallest of the entries of `arrays` that `lefts` marks (exact on small ones; else a sample's upper bound, missed only rarely)"
     n = sum(len(a) for a in arrays)
-    if n <= _SMALL: return _Numpy.kth(np.concatenate(arrays), k)
+    if n <= _SMALL:
+        v = np.concatenate([a[l] for a, l in zip(arrays, lefts)])
+        return _Numpy.kth(v, min(k, len(v))) if len(v) else math.inf
     stride = max(1, n // _SAMPLE)
-    sample = np.concatenate([a[::stride] for a in arrays])
-    m, q = len(sample), k / n
+    sample = np.concatenate([a[::stride][l[::stride]] for a, l in zip(arrays, lefts)])
+    m = len(sample)
+    if not m: return math.inf
+    q = min(1., k / max(1, sum(np.count_nonzero(l) for l in lefts)))
     return _Numpy.kth(sample, 1 + min(m - 1, int((q + 4 * math.sqrt(q * (1 - q) / m) + 2 / m) * m)))
 
 def _plan(heads, g, pruned, ahead, scope, tops:dict=None)->dict:
     "The queue: the groups `pruned` does not hold whose scores `g` are at most a bound on the `ahead`-th smallest, in the order selections take them"
     arrays = [gi.detach().reshape(-1).float().cpu().numpy() for gi in g] # numpy views on the CPU: several times faster
-    hi = _bound(arrays, ahead) # a few more than `ahead` - k groups: a step that goes past them ranks again
+    lefts = [~b.cpu().numpy() for b in pruned]
+    need = ahead - sum(len(l) - np.count_nonzero(l) for l in lefts) # groups to queue: `ahead` less those pruned now
+    hi = _bound(arrays, need, lefts) if need > 0 else -math.inf # among the groups left (a stateful criterion's pruned ones may score high)
     us, idx, sc = [], [], []
-    for i, (l, a, b) in enumerate(zip(heads, arrays, pruned)):
-        left = ~b.cpu().numpy()
-        new = np.flatnonzero((a <= hi) & left) # not pruned now, taken by `ahead` (or a little later)
+    for i, (l, a, left) in enumerate(zip(heads, arrays, lefts)):
+        new = np.flatnonzero((a <= hi) & left) # not pruned now, taken by `ahead` (or a little later): a step past them ranks again
         if scope == 'global' and not l.grouping.nm and len(new) and len(new) == np.count_nonzero(left): # a layer never loses all
-            new = new[new != len(a) - 1 - int(np.argmax(a[::-1]))] # its best group (the last of equals) stays
+            new = np.delete(new, len(new) - 1 - int(np.argmax(a[new][::-1]))) # its best group left (the last of equals) stays
         us.append(np.full(len(new), i)); idx.append(new); sc.append(a[new])
     order = stable_order(np.concatenate(sc)) # equal scores: the earlier unit, then the earlier group, as `select_smallest`
     return dict(unit=torch.from_numpy(np.concatenate(us)[order]), group=torch.from_numpy(np.concatenate(idx)[order]), tops=tops or {})
