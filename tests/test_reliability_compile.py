@@ -31,6 +31,7 @@ class Watch(Callback):
     def after_step(self):
         sp = self.sparsify.sparsifier
         for l in sp.layers:
+            if l.name not in sp.masks: continue # movement/taylor rank nothing before the first backward pass
             dead = ~l.grouping.weight_mask(sp.masks[l.name])
             assert not l.weight[dead].any(), l.name
             assert not any(t[dead].any() for t in state_mirrors(self.opt)(l.weight))
