@@ -50,7 +50,7 @@ class Pacer:
     def prune_at(self,
                  step:int, # the optimizer step about to be taken, from 0
                  last:bool=False, # the run's last step, whatever `step` says: prune to `schedule(1)`, ranking again
-                 at:str=None, # where, for a `FloatingPointError` (default: `optimizer step {step}`)
+                 at=None, # where, for a `FloatingPointError`: a string, or a function returning one, called only then (default: `optimizer step {step}`)
                  then=None, # called after a mask change, before the step is timed (`SparsifyCallback` cleans the optimizer state)
                 )->bool: # whether a mask changed
         "Prune to `schedule(pos)` at optimizer `step`: rank again every `update_every` steps, or (with 'auto') at the step `_next` names"
@@ -62,7 +62,7 @@ class Pacer:
             nxt = self._next(step if rank else self._last_update)
             queue = auto and not last and nxt > (step if rank else self._last_update) + 1 # the next step ranks anyway: no queue
             try: changed = self.prune_to(share, force=rank and not auto, fresh=rank, ahead=self._ahead(step, rank) if queue else None)
-            except FloatingPointError as e: raise FloatingPointError(f"{e} (at {at or f'optimizer step {step}'})") from e # the engine names the layer; say when, too
+            except FloatingPointError as e: raise FloatingPointError(f"{e} (at {(at() if callable(at) else at) or f'optimizer step {step}'})") from e # the engine names the layer; say when, too
             ranked = bool(self.sparsifier.ranked)
             self.n_updates += ranked
             if rank: self._last_update = step
@@ -90,12 +90,12 @@ class Pacer:
         self._share = share
         return changed
 
-    def check_loss(self, loss:torch.Tensor, at:str):
-        "A non-finite `loss`: if a pruned layer's weights hold NaN or inf, stop now, naming it and where (`at`)"
+    def check_loss(self, loss:torch.Tensor, at):
+        "A non-finite `loss`: if a pruned layer's weights hold NaN or inf, stop now, naming it and where (`at`: a string, or a function returning one)"
         if bool(torch.isfinite(loss).all()): return
         bad = [l.name for l in self.sparsifier.layers if not bool(torch.isfinite(l.weight).all())]
         if bad: raise FloatingPointError(f"the weights of layer{'s' if len(bad) > 1 else ''} {', '.join(f'`{n}`' for n in bad)} hold NaN or inf "
-                                         f"(found at {at}, from a non-finite loss)")
+                                         f"(found at {at() if callable(at) else at}, from a non-finite loss)")
 
     def _can_rank(self)->bool:
         "Whether the criterion can rank: some pruned layer is `ready` (a gradient or an input seen, if it needs one; a layer that never is, frozen, is scored by magnitude, with a warning)"

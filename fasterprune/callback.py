@@ -251,7 +251,6 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
         "Share of the pruned layers' groups that the masks prune (what the target counts): the column and the per-batch history"
         return self.sparsifier.sparsity_achieved(of='groups')
 
-    @property
     def _where(self)->str:
         "Where the fit is, for an error message"
         return f"optimizer step {self.step}, epoch {self.epoch}, batch {self.iter}"
