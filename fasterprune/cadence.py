@@ -59,9 +59,11 @@ class Pacer:
         auto, rank, changed = self.update_every == 'auto', self._due(step, last), False # 'auto' between rankings: a changed count takes the queued groups
         if auto or rank:
             t = time.perf_counter()
-            nxt = self._next(step if rank else self._last_update)
-            queue = auto and not last and nxt > (step if rank else self._last_update) + 1 # the next step ranks anyway: no queue
-            try: changed = self.prune_to(share, force=rank and not auto, fresh=rank, ahead=self._ahead(step, rank) if queue else None)
+            ranked_at = step if rank else self._last_update
+            nxt = self._next(ranked_at) if auto else None # the step of the next ranking: this ranking queues the groups to prune until then
+            queue = auto and not last and nxt > ranked_at + 1 # the next step ranks anyway: no queue
+            ahead = float(self.schedule(step_pos(nxt, self.total))) if queue else None
+            try: changed = self.prune_to(share, force=rank and not auto, fresh=rank, ahead=ahead)
             except FloatingPointError as e: raise FloatingPointError(f"{e} (at {(at() if callable(at) else at) or f'optimizer step {step}'})") from e # the engine names the layer; say when, too
             ranked = bool(self.sparsifier.ranked)
             self.n_updates += ranked
@@ -116,9 +118,6 @@ class Pacer:
         if self.max_age * R <= T: return (ranked // self.max_age + 1) * self.max_age # every `max_age` steps
         return max(ranked + 1, -(-((ranked * R // T + 1) * T) // R)) # once in each 1/32 of the run: gaps within a step of T/32
 
-    def _ahead(self, step:int, rank:bool)->float:
-        "The schedule's share at the next ranking: a ranking queues the groups to prune until then"
-        return float(self.schedule(step_pos(self._next(step if rank else self._last_update), self.total)))
 
     def _choose_cadence(self, n_timed:int=3):
         "Once `n_timed` steps and rankings are timed: the smallest power of two n with ranking ÷ (n · step) <= `budget` (`_next` ranks sooner to keep `min_rankings`)"

@@ -344,7 +344,7 @@ class Sparsifier:
         model = unwrap_model(model) # the names of a plain model: the same on every rank, compiled or not
         store_attr('model,granularity,scope,reduce')
         params = (granularity == 'weight' or ':' in granularity) and not getattr(self.criterion, 'needs_graph', False) \
-                 and not getattr(self.criterion, 'needs_inputs', False) # a ParamWeight has no input of its own
+                 and not self.criterion.needs_inputs # a ParamWeight has no input of its own
         pairs, tied, self.left_out = _collect_layers(model, include, exclude, params) # with attention and recurrent weights where they fit
         self._cands = dict(pairs)
         if not pairs: raise ValueError(f"`model` ({type(model).__name__}) has no prunable layer (Linear, Conv or ConvTranspose with a weight)")
@@ -632,7 +632,7 @@ def _group_scores(self:Sparsifier, units, scope, tops:dict=None):
 def _waiting(self:Sparsifier, units, scope)->set:
     "Layers of `units` the criterion cannot rank yet (no gradient or input seen), with their unit or, in global scope, their whole pool"
     c = self.criterion
-    if not (c.needs_grad or getattr(c, 'needs_inputs', False)): return set()
+    if not (c.needs_grad or c.needs_inputs): return set()
     late = [u for u in units if not all(c.ready(l, self.state.get(l.name)) for l in u)]
     if not late: return set()
     names = {l.name for u in (units if scope == 'global' else late) for l in u} # scores must compare within a ranking
@@ -693,7 +693,7 @@ def _bound(arrays:list, k:int, lefts:list)->float:
     return _Numpy.kth(sample, 1 + min(m - 1, int((q + 4 * math.sqrt(q * (1 - q) / m) + 2 / m) * m)))
 
 def _plan(heads, g, pruned, ahead, scope, tops:dict=None)->dict:
-    "The queue: the groups `pruned` does not hold whose scores `g` are at most a bound on the `ahead`-th smallest, in the order selections take them"
+    "The queue: the groups `pruned` does not hold, up to a bound on the scores `g` of the `ahead` - k next ones, in the order selections take them"
     arrays = [gi.detach().reshape(-1).float().cpu().numpy() for gi in g] # numpy views on the CPU: several times faster
     lefts = [~b.cpu().numpy() for b in pruned]
     need = ahead - sum(len(l) - np.count_nonzero(l) for l in lefts) # groups to queue: `ahead` less those pruned now
@@ -890,7 +890,7 @@ def observe(self:Sparsifier)->InputHooks:
     "Put the criterion's forward pre-hooks on the pruned layers, if it `needs_inputs` (none otherwise); the handle removes them, also as a context manager"
     if self.observing: return self._hooks # once: a second call adds no hooks
     c = self.criterion
-    self._hooks = InputHooks(c, self.layers, self.state) if getattr(c, 'needs_inputs', False) else InputHooks(c, [], {})
+    self._hooks = InputHooks(c, self.layers, self.state) if c.needs_inputs else InputHooks(c, [], {})
     return self._hooks
 
 @patch
