@@ -41,6 +41,7 @@ class Criterion:
     "Base class: scores weights, larger = keep"
     needs_grad = False # whether the sparsifier must call `accumulate` after each backward pass
     needs_inputs = False # whether it reads the pruned layers' inputs: `observe`, called by forward pre-hooks (`InputHooks`)
+    zero_when_pruned = False # whether a pruned (zeroed) weight scores 0 and no weight below 0: a ranking need look only at the weights left
     waits_for, wait_hint = 'gradient', 'an update before the first backward pass, or frozen layers' # for the warning of a layer not `ready`
 
     def score(self,
@@ -90,6 +91,7 @@ class Criterion:
 # %% ../nbs/03_criteria.ipynb #44fef3e5
 class LargeFinal(Criterion):
     "Magnitude: |W|"
+    zero_when_pruned = True
     def score(self, layer, state=None):
         w = layer.weight.detach()
         if w.device.type == 'cpu' and w.dtype == torch.float32: return torch.from_numpy(np.abs(w.numpy())) # 1.6x faster on one thread
@@ -174,6 +176,7 @@ lamp = LAMP()
 class LookaheadCriterion(Criterion):
     "Lookahead pruning (Park et al. 2020): |w| times the norms of the weights writing its input and reading its output"
     needs_graph = True
+    zero_when_pruned = True # |w| times norms
     def __init__(self,
                  mode:str='graph', # 'graph': neighbours from the traced graph; 'chain': Linear/Conv layers in registration order
                  bn:bool=False, # include the gains of the BatchNorms between neighbours (`lookahead_bn`)
@@ -249,6 +252,7 @@ class Wanda(Criterion):
     with sp.observe(): ... # a plain training loop: hooks on for the loop only (a SparsifyCallback holds them for a fit's training batches)
     """
     needs_inputs = True
+    zero_when_pruned = True # |W| times input norms
     waits_for = 'input'
     wait_hint = ("no batch went through the model while the sparsifier observed it (`sp.calibrate(batches)`, `with sp.observe(): "
                  "model(xb)`, or a fit with `SparsifyCallback`), or no batch reaches these layers")

@@ -380,7 +380,7 @@ class Sparsifier:
         self.state = {l.name: s for l in self.layers if (s := self.criterion.init_state(l)) is not None}
         self.masks, self.counts, self.by_magnitude, self._magnitude, self._warned = {}, {}, set(), set(), set()
         self.plans, self.ranked = {}, [] # per pool, the groups to prune next, in order; the pools the last update scored
-        self.pruned_now = {} # per layer whose mask the last update changed: flat indices of the weights it pruned, or None (see `update`)
+        self.pruned_now = {} # per layer whose mask the last update changed: flat indices of the weights it pruned (in no particular order), or None (see `update`)
 
     def __repr__(self):
         return (f"Sparsifier({len(self.layers)} layers, sparsity={self.sparsity}, granularity={self.granularity!r}, "
@@ -753,6 +753,7 @@ def update(self:Sparsifier,
         for key in changed:
             if not force and self._from_plan(key, pools[key], new[key]): continue
             self.plans.pop(key, None); self.ranked.append(key)
+            if not force and self._rank_left(key, pools[key], new[key], later.get(key)): continue
             plan = self._compute(pools[key], new[key], 'global' if key == '*' else 'local', later.get(key))
             if plan is not None: self.plans[key] = dict(plan, base=new[key], at=new[key])
         for key in (later if fresh else ()): # a count that did not change: queue what comes next, the masks as they are
@@ -795,6 +796,21 @@ def _from_plan(self:Sparsifier, key, units, k)->bool:
             self._set_mask(l, m, sel if l.grouping.name == 'weight' else None) # a 'weight' group's index is its weight's
     p['at'] = k
     return True
+
+
+# %% ../nbs/06_sparsifier.ipynb #b3a3cd17
+_BIG_STEP = 8 # `_rank_left` sorts the groups it queues: for more than 1/8 of a pool, the full selection is faster
+
+@patch
+def _rank_left(self:Sparsifier, key, units, k, ahead:int=None)->bool:
+    "Where pruned weights score 0 (`zero_when_pruned`) and masks only grow: queue the groups left up to `ahead` (or `k`) in score order, and prune to `k` from that queue"
+    at, heads = self.counts.get(key), [u[0] for u in units]
+    if not self.criterion.zero_when_pruned or at is None or k < at or self._kept_now(heads) is None: return False # N:M, or no mask yet
+    want = max(k, ahead or k)
+    if _BIG_STEP * (want - at) > sum(l.grouping.n_groups for l in heads) or sum(l.grouping.numel for u in units for l in u) > _LAZY_ABOVE: return False
+    self.plans[key] = dict(self._compute(units, k, 'global' if key == '*' else 'local', want, queue_only=True), base=at, at=at)
+    if self._from_plan(key, units, k): return True
+    self.plans.pop(key); return False # the queue's bound fell short (rare): the full selection
 
 
 # %% ../nbs/06_sparsifier.ipynb #4b348ca7

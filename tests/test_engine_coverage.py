@@ -1,7 +1,7 @@
 """The engine on the models fastai users train (issue 12): the default selection fits the granularity, the model's
 outputs and inputs are protected, every norm after a pruned unit is silenced, the numbers come from the masks and say
 what is covered, gradient criteria never rank by position, lazy and empty layers get a clear answer."""
-import warnings
+import copy, warnings
 import numpy as np
 
 import pytest
@@ -442,11 +442,39 @@ def test_queue_gives_every_steps_masks_and_ranks_again_when_it_must(granularity,
         sp.update(s, force=i % 10 == 0, ahead=shares[min(49, i + 10)])
         ranked.append(bool(sp.ranked))
         if i == 15: sd = sp.state_dict() # a queue in progress, for a checkpoint
-        ref.update(s)
+        ref.update(s, force=True) # the full selection at every step
         for k in ref.masks: assert torch.equal(sp.masks[k], ref.masks[k]), (i, k)
     assert not any(ranked[i] for i in range(1, 20) if i % 10) # within a queue on the way up: nothing scored
     assert any(ranked[i] for i in range(26, 50) if i % 10) # on the way down the queue does not apply: ranked again
     assert sd['plans'] and all(isinstance(p['unit'], torch.Tensor) and p['base'] <= p['at'] for p in sd['plans'].values())
+
+
+@pytest.mark.parametrize('granularity,scope,crit', [('weight', 'local', 'large_final'), ('weight', 'global', 'large_final'),
+                                                    ('filter', 'global', 'large_final'), ('weight', 'global', 'lookahead'),
+                                                    ('weight', 'global', 'lamp'), ('kernel', 'local', 'large_final')])
+def test_ranking_the_groups_left_gives_the_full_selections_masks(granularity, scope, crit, monkeypatch):
+    """Where pruned weights score 0 (`zero_when_pruned`), a ranking looks only at the groups left (`_rank_left`): the masks
+    are those of the full selection at every step, as the weights move, ties included"""
+    used = []
+    rank_left = Sparsifier._rank_left
+    monkeypatch.setattr(Sparsifier, '_rank_left', lambda self, *a, **k: used.append(rank_left(self, *a, **k)) or used[-1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(), nn.Linear(16 * 4 * 4, 12))
+    with torch.no_grad(): model[3].weight[:2] = 0.5 # runs of equal scores
+    twin = copy.deepcopy(model)
+    sp, ref = (Sparsifier(m, 0.8, granularity, crit, scope, include=nn.Conv2d if granularity == 'kernel' else '*',
+                                 sample_input=torch.randn(2, 4, 8, 8)) for m in (model, twin))
+    g = torch.Generator().manual_seed(1)
+    for i in range(30):
+        s, nxt = i / 29, min(1., (i + 3) / 29)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), twin.parameters()):
+                d = torch.randn(p.shape, generator=g) * 0.05; p.add_(d); q.add_(d)
+        sp.apply(); ref.apply()
+        sp.update(s, fresh=True, ahead=nxt) # ranked at every step, with a queue to 3 steps ahead
+        ref.update(s, force=True)
+        for k in ref.masks: assert torch.equal(sp.masks[k], ref.masks[k]), (i, k)
+    assert sum(used) >= 5 # the rankings did look only at the groups left
 
 
 @pytest.mark.parametrize('seed', range(5))
