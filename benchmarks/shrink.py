@@ -71,7 +71,7 @@ def fit(part, kind, sparsity, seed, data, round_to=None):
     if kind == 'masked': # what the masked fit leaves is a dense-size model; its compact version is what it would ship
         final = learn.compact()
     params = sum(p.numel() for p in final.parameters())
-    lat = {b: latency(final, b, runs) for b, runs in ((1, 60), (32, 15))} if seed == 0 else {}
+    lat = {b: latency(final, b, runs) for b, runs in ((1, 60), (32, 15))} if seed == 0 else {} # right after the fit, under whatever load: see `latency_table`
     return dict(part=part, model=model_name, kind=kind, sparsity=sparsity if cb else 0., round_to=round_to, seed=seed,
                 epochs=epochs, acc=round(acc, 5), cpu_s=round(cpu_s, 2), fit_s=round(fit_s, 2),
                 achieved=round(cb._measure(), 5) if cb else 0., n_shrinks=len(getattr(cb, 'shrinks', []) or []) if cb else 0,
@@ -88,33 +88,68 @@ def runs(part):
 def key(r): return (r['part'], r['kind'], float(r['sparsity']), int(r['seed']), None if pd.isna(r['round_to']) else int(r['round_to']))
 
 def table(df):
+    "Per part: each fit's CPU and wall time against the dense and the masked fit, its shrinks and final accuracy"
     out = []
     for part, g in df.groupby('part', sort=False):
         dense = g[g.kind == 'dense']
-        d_cpu, d_wall, d_acc = dense.cpu_s.median(), dense.fit_s.median(), dense.acc
-        d0 = dense[dense.seed == 0].iloc[0]
-        out += [f"**{g.model.iloc[0]}** ({'1 seed, 3 epochs, 1600 images' if part == 'time' else f'{g.seed.nunique()} seeds, {g.epochs.iloc[0]} epochs, CIFAR-10 subset'}):", '',
-                '| fit | filters pruned (target → achieved) | CPU s (median) | ÷ dense | ÷ masked | wall s | ÷ dense | shrinks | acc % (mean ± std) | final params | latency b1 ms | ÷ dense | latency b32 ms | ÷ dense |',
-                '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+        d_cpu, d_wall = dense.cpu_s.median(), dense.fit_s.median()
+        out += [f"**{g.model.iloc[0]}** ({'1 seed, 3 epochs, 1600 images of 32x32' if part == 'time' else f'{g.seed.nunique()} seeds, {g.epochs.iloc[0]} epochs, CIFAR-10 subset'}), "
+                "whole-fit times (medians over seeds):", '',
+                '| fit | filters pruned: target → achieved | CPU s | ÷ dense | ÷ masked | wall s | ÷ dense | shrinks | accuracy % (mean ± std) | final params |',
+                '|---|---|---|---|---|---|---|---|---|---|']
         for (kind, sp, rt), h in g.groupby(['kind', 'sparsity', g.round_to.fillna(0)], sort=False):
             m = g[(g.kind == 'masked') & (g.sparsity == sp)]
             cpu, wall = h.cpu_s.median(), h.fit_s.median()
-            h0 = h[h.seed == 0].iloc[0]
+            vs_masked = f"{cpu / m.cpu_s.median():.3f}" if len(m) and kind == 'shrink' else '—'
             name = kind + (f', round_to={int(rt)}' if rt else '')
             acc = f"{100 * h.acc.mean():.2f} ± {100 * h.acc.std():.2f}" if len(h) > 1 else f"{100 * h.acc.mean():.2f}"
-            out.append(f"| {name} | {sp:.2f} → {h.achieved.mean():.3f} | {cpu:.1f} | {cpu / d_cpu:.3f} | "
-                       f"{(cpu / m.cpu_s.median()) if len(m) and kind != 'masked' else float('nan'):.3f} | {wall:.1f} | {wall / d_wall:.3f} | "
-                       f"{int(h.n_shrinks.median())} | {acc} | {int(h0.params):,} | {h0.lat1_ms:.2f} | {h0.lat1_ms / d0.lat1_ms:.3f} | "
-                       f"{h0.lat32_ms:.2f} | {h0.lat32_ms / d0.lat32_ms:.3f} |")
+            out.append(f"| {name} | {sp:.2f} → {h.achieved.mean():.4f} | {cpu:.1f} | {cpu / d_cpu:.3f} | {vs_masked} | {wall:.1f} | "
+                       f"{wall / d_wall:.3f} | {int(h.n_shrinks.median())} | {acc} | {int(h.params.iloc[0]):,} |")
         out.append('')
     return '\n'.join(out)
 
+def final_arch(part, sparsity, round_to):
+    "The final model's architecture for a setting, rebuilt without training: local-scope counts do not depend on the weights"
+    import torchvision
+    from fasterprune.sparsifier import Sparsifier
+    from fasterprune.compact import compact, coupled
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10) if part == 'time' else S.resnet8()
+    x = torch.randn(2, 3, 32, 32)
+    if sparsity:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            Sparsifier(model, sparsity, 'filter', links=coupled, sample_input=x, round_to=round_to).prune()
+            model = compact(model, x)
+    return model.eval()
+
+def latency_table(df):
+    "Dense and final models timed in shuffled interleaved order (compact benchmark's `interleaved_latency`), one thread"
+    import compact as BC
+    out = ['Final model latency (eval mode, median of interleaved forward passes: 100 at batch 1, 20 at batch 32; the final '
+           'architecture rebuilt from the setting, its parameter count checked against the fits\' final models):', '',
+           '| model | filters pruned (round_to) | params | ÷ dense | latency batch 1 ms | ÷ dense | latency batch 32 ms | ÷ dense |',
+           '|---|---|---|---|---|---|---|---|']
+    for part, g in df.groupby('part', sort=False):
+        sets = g[g.kind == 'shrink'][['sparsity', 'round_to']].drop_duplicates()
+        models = {(0., None): final_arch(part, 0., None)}
+        for sp, rt in sets.itertuples(index=False):
+            rt = None if pd.isna(rt) else int(rt)
+            models[(sp, rt)] = final_arch(part, sp, rt)
+            fit_params = set(g[(g.kind == 'shrink') & (g.sparsity == sp) & (g.round_to.fillna(0) == (rt or 0))].params)
+            assert fit_params == {sum(p.numel() for p in models[(sp, rt)].parameters())}, (part, sp, rt, fit_params)
+        lat = {bs: BC.interleaved_latency(models, torch.randn(bs, 3, 32, 32), runs)[0] for bs, runs in ((1, 100), (32, 20))}
+        n0 = sum(p.numel() for p in models[(0., None)].parameters())
+        for k, mdl in models.items():
+            n = sum(p.numel() for p in mdl.parameters())
+            name = 'dense' if not k[0] else f"{k[0]:.2f}" + (f" ({k[1]})" if k[1] else '')
+            out.append(f"| {g.model.iloc[0]} | {name} | {n:,} | {n / n0:.3f} | {1e3 * lat[1][k]:.2f} | {lat[1][k] / lat[1][(0., None)]:.3f} | "
+                       f"{1e3 * lat[32][k]:.2f} | {lat[32][k] / lat[32][(0., None)]:.3f} |")
+    return '\n'.join(out + [''])
+
 def write(text):
-    old = RESULTS.read_text() if RESULTS.exists() else ''
-    if SECTION in old:
-        a = old.index(SECTION); b = old.find('\n## ', a + len(SECTION))
-        old = old[:a] + old[b + 1:] if b >= 0 else old[:a]
-    RESULTS.write_text(old.rstrip('\n') + '\n\n' + text + '\n')
+    from results import write_section
+    write_section(SECTION, text, RESULTS)
 
 def main():
     ap = argparse.ArgumentParser()
@@ -136,13 +171,14 @@ def main():
             S.append_row(row, CSV)
     df = pd.read_csv(CSV)
     cmd = 'python benchmarks/shrink.py' + (f' --part {args.part}' if args.part != 'all' else '')
-    text = '\n'.join([SECTION, '', f'Command: `{cmd}` (rows in benchmarks/shrink.csv; an interrupted run resumes). One torch thread, '
-                      'on the shared 2-core machine. CPU s: `time.process_time()` of the whole `fit_one_cycle` (training, validation, '
-                      'the callback, each shrink with its equivalence check). "masked": the same pruning with masks only; its '
-                      'params and latency are those of `learn.compact()` after the fit. "shrink": `shrink=0.1` (channels removed '
-                      'whenever the pruned share of filters grew by 0.1, and at the end). Latency: the final model, eval mode, median '
-                      'of 60 passes at batch 1 and 15 at batch 32, seed 0. Pruning: \'filter\', `large_final`, local, `links=coupled`, '
-                      'one-cycle schedule; the classifier stays dense.', '', table(df)])
+    text = '\n'.join([SECTION, '', f'Command: `{cmd}` (rows in benchmarks/shrink.csv; an interrupted run resumes; '
+                      '`--report-only` rewrites this section from them). One torch thread, on the shared 2-core machine (other jobs '
+                      'ran beside it: wall times are inflated, CPU times much less). CPU s: `time.process_time()` of the whole '
+                      '`fit_one_cycle` (training, validation, the callback, each shrink with its equivalence check). "masked": the '
+                      'same pruning with masks only. "shrink": `shrink=0.1` (channels removed whenever the pruned share of filters '
+                      'grew by 0.1, and at the end). Pruning: \'filter\', `large_final`, local, `links=coupled`, one-cycle '
+                      'schedule; the classifier stays dense. Accuracy is on the validation images (256 for resnet18, the 1017 test '
+                      'images of the subset for ResNet-8).', '', table(df), latency_table(df)])
     write(text)
     print(text)
 
