@@ -200,7 +200,8 @@ class Shrinking:
     def _maybe_shrink(self, end:bool=False):
         "Shrink when the pruned share has grown by `shrink` since the last time (or, at the `end` of the fit, if anything is left to remove)"
         if not self.shrink or self._hold: return
-        if end or self._measure() - self._shrunk_at >= self.shrink - 1e-9: self.shrink_now()
+        if end and self.shrinks and self._achieved <= self._shrunk_at: return # no mask changed since the last shrink: nothing new to remove
+        if end or self._achieved - self._shrunk_at >= self.shrink - 1e-9: self.shrink_now()
 
     def shrink_now(self)->dict:
         "Remove the channels the masks prune from `learn.model` now, checked against the masked model on a batch; the optimizer, masks and counts follow"
