@@ -234,3 +234,18 @@ def test_resume_across_a_shrink(dls, tmp_path, opt_func):
     for k in sa: assert torch.equal(sa[k], sc[k]), k
     assert c.sparsify.sparsifier.removed == a.sparsify.sparsifier.removed
     assert c.sparsify._measure() == a.sparsify._measure() == 0.5
+
+def test_channel_masks_shrink_too():
+    "'channel' masks: the inputs no layer reads go, with the filters that wrote them; outputs unchanged, counts in original units"
+    torch.manual_seed(0)
+    m = cnn()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore') # the first conv, which reads the model's inputs, is left dense
+        sp = Sparsifier(m, 0.5, 'channel', sample_input=X)
+    sp.update(0.5); sp.apply()
+    ref = m.eval()(X)
+    shrink_all(m, sp, None)
+    torch.testing.assert_close(m(X), ref, atol=1e-5, rtol=1e-5)
+    assert (m[3].in_channels, m[6].in_channels, m[10].in_features) == (12, 24, 18) and sp.removed == {'3': 4, '6': 8, '10': 6}
+    sp.update(1.)
+    assert sp.sparsity_achieved() == 0.5
