@@ -17,7 +17,7 @@ from torch import nn
 from fastcore.foundation import L
 from .granularities import Grouping
 from .sparsifier import Sparsifier, unwrap_model, _torch_opts
-from .checkpoints import layer_layout, sidecar, SparsityCheckpoint
+from .checkpoints import layer_layout, sidecar, sparsify_cbs, SparsityCheckpoint
 from .compact import weight_layers, load_compact, _require_tp, _output_nodes, _dead_channels, _inputs, _outputs
 
 # %% ../nbs/10a_shrink.ipynb #5e8a48c7
@@ -229,11 +229,12 @@ def _shrunk_states(states:dict)->bool:
 def resize_to_checkpoint(learn, # the `Learner` about to load `file`
                          file, # the model file `learn.load` reads (a name in `learn.model_dir`, or a path)
                         )->bool: # whether `learn.model` was resized
-    "Before `learn.load`: when `file` holds a model a `SparsifyCallback(..., shrink=...)` shrank, give `learn.model`'s layers its sizes"
+    "Before `learn.load`: when `file` or `learn.model` is a model a `SparsifyCallback(..., shrink=...)` shrank, give `learn.model`'s layers the file's sizes"
     from fastcore.xtras import join_path_file
     p = join_path_file(file, learn.path/learn.model_dir, ext='.pth') if isinstance(file, (str, Path)) else None
     if p is None or not sidecar(p).exists() or not p.exists(): return False
-    if not _shrunk_states(torch.load(sidecar(p), map_location='cpu', weights_only=True)): return False
+    shrunk_now = any(cb.sparsifier is not None and cb.sparsifier.removed for cb in sparsify_cbs(learn)) # `SaveModelCallback` loading an earlier epoch
+    if not (shrunk_now or _shrunk_states(torch.load(sidecar(p), map_location='cpu', weights_only=True))): return False
     state = torch.load(p, map_location='cpu', weights_only=False) # fastai's own file: `learn.load` reads it the same way
     sd = state['model'] if set(state) == {'model', 'opt'} else state
     model = unwrap_model(learn.model)
@@ -243,5 +244,5 @@ def resize_to_checkpoint(learn, # the `Learner` about to load `file`
     load_compact(model, sd)
     model.to(dev)
     learn.opt = None # `learn.load` makes a new optimizer, on the new parameters, and loads its saved state
-    for cb in learn._grab_cbs(SparsityCheckpoint): cb.sparsifier, cb._layout = None, None # rebuilt on the new layers at the next fit
+    for cb in sparsify_cbs(learn): cb.sparsifier, cb._layout = None, None # rebuilt on the new layers when next needed
     return True

@@ -249,3 +249,13 @@ def test_channel_masks_shrink_too():
     assert (m[3].in_channels, m[6].in_channels, m[10].in_features) == (12, 24, 18) and sp.removed == {'3': 4, '6': 8, '10': 6}
     sp.update(1.)
     assert sp.sparsity_achieved() == 0.5
+
+def test_best_epoch_loaded_at_the_end_of_a_shrinking_fit(dls, tmp_path):
+    "`SaveModelCallback` loading an earlier, larger epoch at the end of a shrinking fit: the model takes that epoch's sizes and masks"
+    cb = SparsifyCallback(0.5, granularity='filter', include=nn.Conv2d, shrink=0.2)
+    learn = mk(dls, cb, path=tmp_path)
+    quiet(learn, cbs=SaveModelCallback(monitor='valid_loss', comp=lambda a, b: a > b)) # keeps the worst epoch: the first, before any shrink
+    saved = torch.load(tmp_path/'models'/'model.pth', weights_only=False)
+    saved = saved.get('model', saved)
+    assert {k: v.shape for k, v in learn.model.state_dict().items()} == {k: v.shape for k, v in saved.items()}
+    assert learn.model.conv1.out_channels == 16 and learn.sparsity_report().sparsity.iloc[-2] < 0.5
