@@ -126,10 +126,11 @@ def final_arch(part, sparsity, round_to):
 def latency_table(df):
     "Dense and final models timed in shuffled interleaved order (compact benchmark's `interleaved_latency`), one thread"
     import compact as BC
-    out = ['Final model latency (eval mode, median of interleaved forward passes: 100 at batch 1, 20 at batch 32; the final '
+    out = ['Final model latency (eval mode, median of interleaved forward passes: 300 at batch 1, 30 at batch 32, shuffled order; the final '
            'architecture rebuilt from the setting, its parameter count checked against the fits\' final models):', '',
            '| model | filters pruned (round_to) | params | ÷ dense | latency batch 1 ms | ÷ dense | latency batch 32 ms | ÷ dense |',
            '|---|---|---|---|---|---|---|---|']
+    rows = {}
     for part, g in df.groupby('part', sort=False):
         sets = g[g.kind == 'shrink'][['sparsity', 'round_to']].drop_duplicates()
         models = {(0., None): final_arch(part, 0., None)}
@@ -138,14 +139,27 @@ def latency_table(df):
             models[(sp, rt)] = final_arch(part, sp, rt)
             fit_params = set(g[(g.kind == 'shrink') & (g.sparsity == sp) & (g.round_to.fillna(0) == (rt or 0))].params)
             assert fit_params == {sum(p.numel() for p in models[(sp, rt)].parameters())}, (part, sp, rt, fit_params)
-        lat = {bs: BC.interleaved_latency(models, torch.randn(bs, 3, 32, 32), runs)[0] for bs, runs in ((1, 100), (32, 20))}
+        lat = {bs: BC.interleaved_latency(models, torch.randn(bs, 3, 32, 32), runs)[0] for bs, runs in ((1, 300), (32, 30))}
         n0 = sum(p.numel() for p in models[(0., None)].parameters())
+        for k in models: rows[(g.model.iloc[0], k[0])] = rows.get((g.model.iloc[0], k[0])) or (lat[1][k] / lat[1][(0., None)], lat[32][k] / lat[32][(0., None)])
         for k, mdl in models.items():
             n = sum(p.numel() for p in mdl.parameters())
             name = 'dense' if not k[0] else f"{k[0]:.2f}" + (f" ({k[1]})" if k[1] else '')
             out.append(f"| {g.model.iloc[0]} | {name} | {n:,} | {n / n0:.3f} | {1e3 * lat[1][k]:.2f} | {lat[1][k] / lat[1][(0., None)]:.3f} | "
                        f"{1e3 * lat[32][k]:.2f} | {lat[32][k] / lat[32][(0., None)]:.3f} |")
-    return '\n'.join(out + [''])
+    return '\n'.join(out + ['']), rows
+
+def verdict(df, rows):
+    "The issue's targets at 50 % of filters: whole-fit CPU time ÷ dense <= 0.75, final latency ÷ dense <= 0.40"
+    out = []
+    for part, g in df.groupby('part', sort=False):
+        name = g.model.iloc[0]
+        cpu = g[(g.kind == 'shrink') & (g.sparsity == .5) & g.round_to.isna()].cpu_s.median() / g[g.kind == 'dense'].cpu_s.median()
+        l1, l32 = rows[(name, .5)]
+        ok = lambda v, t: f"{v:.3f} ({'met' if v <= t else 'not met'})"
+        out.append(f"- {name}, 50 % of filters: shrinking fit CPU ÷ dense {ok(cpu, .75)} (target ≤ 0.75); final latency ÷ dense "
+                   f"{ok(l1, .40)} at batch 1, {ok(l32, .40)} at batch 32 (target ≤ 0.40).")
+    return '\n'.join(out)
 
 def write(text):
     from results import write_section
@@ -178,7 +192,9 @@ def main():
                       'same pruning with masks only. "shrink": `shrink=0.1` (channels removed whenever the pruned share of filters '
                       'grew by 0.1, and at the end). Pruning: \'filter\', `large_final`, local, `links=coupled`, one-cycle '
                       'schedule; the classifier stays dense. Accuracy is on the validation images (256 for resnet18, the 1017 test '
-                      'images of the subset for ResNet-8).', '', table(df), latency_table(df)])
+                      'images of the subset for ResNet-8).', '', table(df)])
+    lat, rows = latency_table(df)
+    text += '\n' + lat + '\n' + verdict(df, rows)
     write(text)
     print(text)
 
