@@ -9,7 +9,7 @@ __all__ = ['plan_surgery', 'replay', 'index_maps', 'shrink_model', 'cut_optimize
            'resize_to_checkpoint']
 
 # %% ../nbs/10a_shrink.ipynb #426cb4ea
-import math, numbers
+import math, numbers, time
 from copy import deepcopy
 from pathlib import Path
 import torch
@@ -205,7 +205,7 @@ class Shrinking:
 
     def shrink_now(self)->dict:
         "Remove the channels the masks prune from `learn.model` now, checked against the masked model on a batch; the optimizer, masks and counts follow"
-        sp, model = self.sparsifier, unwrap_model(self.learn.model)
+        sp, model, t0 = self.sparsifier, unwrap_model(self.learn.model), time.process_time()
         sp.apply()
         try: xb = tuple(x[:8] if isinstance(x, torch.Tensor) else x for x in self._sample_xb()) # a few samples: the check's cost stays small
         finally: self._xb = None
@@ -217,7 +217,8 @@ class Shrinking:
         cut_sparsifier(sp, {names[id(q)]: ids for q, ids in cuts.values()})
         if self.learn.opt is not None: cut_optimizer(self.learn.opt, cuts)
         self._layout = layer_layout(model, self.include, self.exclude)
-        rec = dict(step=self.step, epoch=self.epoch, sparsity=self._shrunk_at, params_before=before, params=sum(p.numel() for p in model.parameters()))
+        rec = dict(step=self.step, epoch=self.epoch, sparsity=self._shrunk_at, params_before=before,
+                   params=sum(p.numel() for p in model.parameters()), cpu_s=time.process_time() - t0) # what the shrink cost, its check included
         self.shrinks.append(rec)
         return rec
 
