@@ -182,7 +182,8 @@ def _state_problem(sp)->str|None:
 
 class Shrinking:
     "Mixed into `SparsifyCallback`: with `shrink`, remove the pruned channels from `learn.model` during the fit and carry on with the smaller model"
-    shrink, shrink_atol = None, 1e-4 # the largest difference between the masked and the cut model's outputs (relative to the largest output, when above 1)
+    shrink, shrinks = None, () # what each shrink of the last fit did (a list of dicts, from `before_fit`)
+    shrink_atol = 1e-4 # the largest difference between the masked and the cut model's outputs (relative to the largest output, when above 1)
 
     def _start_shrinking(self):
         "In `before_fit`: check that the fit can shrink (every error before any weight changes)"
