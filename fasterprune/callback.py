@@ -18,9 +18,10 @@ from fastai.learner import ValueMetric
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from .schedules import one_cycle, step_pos, check_steps
-from .sparsifier import Sparsifier, check_options, unwrap_model
+from .sparsifier import Sparsifier, check_options, unwrap_model, check_round_to
 from .cadence import Pacer
 from .lottery import check_lth, check_rewind, take_snapshot, rewind
+from .shrink import Shrinking, check_shrink
 from .checkpoints import SparsityCheckpoint, layer_layout, carry_masks, sidecar, save_sparsity, load_sparsity # the last three importable from here too
 from .learner import check_not_meta, one_batch_inputs, optimizer_steps, fit_steps, in_fit, materialise # and with it
 from .learner import learner_keeps_zeros, mirrors_of, sparsity_history, drop_metric # fasterprune's changes to fastai's classes
@@ -34,7 +35,7 @@ def _needs_graph(granularity, criterion)->bool:
     return granularity in ('filter', 'channel') or bool(getattr(criterion, 'needs_graph', False))
 
 # %% ../nbs/07_callback.ipynb #91bd6911
-class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
+class SparsifyCallback(Shrinking, SparsityCheckpoint, Pacer, Callback):
     "Prune `learn.model` while it trains: `sparsity * schedule(pos)` at every optimizer step"
     order,run_valid = MixedPrecision.order+10,False # after `MixedPrecision` unscales the gradients, before the `Recorder` names the columns
     sparsifier = snapshot = _hist = _layout = _xb = None # not pickled: rebuilt when needed
@@ -49,7 +50,8 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
                  lth:bool=False, # lottery ticket: after each mask change, reset surviving weights to their values at `rewind_epoch`
                  rewind_epoch:int=0, # the epoch whose starting weights `lth` rewinds to
                  sample_input=None, # the model's inputs for tracing its graph (default: one batch of `learn.dls`, when a graph is needed)
-                 **kwargs, # the engine's other options: `include`, `exclude`, `layer_sparsity`, `reduce`, `links`
+                 shrink:float=None, # 'filter'/'channel': remove the pruned channels from the model whenever the pruned share grows by this much, and at the end (see [shrink](shrink.html))
+                 **kwargs, # the engine's other options: `include`, `exclude`, `layer_sparsity`, `reduce`, `links`, `round_to`
                 ):
         opts = signature(Sparsifier).bind(None, sparsity, granularity, criterion, scope, sample_input=sample_input, **kwargs) # an unknown argument: TypeError
         opts.apply_defaults(); o = opts.arguments
@@ -58,6 +60,8 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
         check_lth(lth, rewind_epoch)
         for k in _engine_opts: setattr(self, k, o[k])
         store_attr('lth,rewind_epoch,sample_input')
+        self.shrink = check_shrink(shrink, granularity, lth)
+        check_round_to(self.round_to, granularity, scope)
         self.step, self.starts, self._achieved, self._target = 0, [0], 0., 0.
         self._name = self._pending = self._saved_step = self._saved_total = self._end_of_fit = None
         self._clean_all, self._hold, self._by_batch, self._apply_every_step = True, False, False, True
@@ -119,6 +123,7 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
         self._apply_every_step = not learner_keeps_zeros(self.learn)
         if self._hold: self._share = self._achieved / self.sparsity if self.sparsity else 0.
         self.learn.metrics.append(ValueMetric(self._measure, self.column))
+        self._start_shrinking()
 
     def before_train(self):
         "Set the step count from the epoch (a resumed fit continues where it stopped); with `lth`, keep the weights of `rewind_epoch`"
@@ -134,6 +139,7 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
         last = self.epoch == self.n_epoch - 1 and self.iter == self.n_iter - 1 # skipped batches cannot keep the last one from the target
         self.prune_at(self.step, last, at=self._where, then=self._after_change)
         self._target = self.sparsity * self._scheduled
+        self._maybe_shrink()
 
     def after_loss(self):
         "A non-finite loss: if a pruned layer's weights hold NaN or inf, stop now, naming it (between rankings nothing else reads them)"
@@ -177,6 +183,7 @@ class SparsifyCallback(SparsityCheckpoint, Pacer, Callback):
         self.sparsifier.stop_observing() # no hook stays on the model after a fit
         drop_metric(self.learn, self._measure)
         self.sparsifier.apply() # whatever else moved the weights
+        self._maybe_shrink(end=True)
         self.snapshot = None
         self._end_of_fit = self._measure() # a checkpoint `SaveModelCallback` loads now is compared with it
 

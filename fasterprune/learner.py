@@ -37,6 +37,7 @@ from fastai.callback.training import GradientAccumulation
 from .sparsifier import Sparsifier, unwrap_model, keeps_zeros, state_mirrors
 from .checkpoints import SparsityCheckpoint, sparsify_cbs, save_sparsity, load_sparsity, unclaimed_sidecar
 from .compact import compact as _compact
+from .shrink import resize_to_checkpoint
 
 # %% ../nbs/07a_learner.ipynb #4e22bbdf
 _fastai = {k: getattr(getattr(Learner, k), '_fastai', getattr(Learner, k)) for k in ('fit', 'fine_tune', 'save', 'load')} # reloads wrap fastai's own
@@ -106,6 +107,7 @@ def _save(self:Learner, file, *args, **kwargs):
 @_wrap('load')
 def _load(self:Learner, file, *args, **kwargs):
     "fastai's `Learner.load`, and any `SparsifyCallback` state saved beside the model file"
+    resize_to_checkpoint(self, file) # a model saved shrunk (`SparsifyCallback(..., shrink=...)`): its layers take the saved sizes first
     _fastai['load'](self, file, *args, **kwargs)
     load_sparsity(self, join_path_file(file, self.path/self.model_dir, ext='.pth'))
     return self

@@ -6,8 +6,8 @@ Docs: https://fasterprune.github.io/fasterprune/sparsifier.html.md"""
 
 # %% auto #0
 __all__ = ['scopes', 'LazyScores', 'kth_smallest', 'select_smallest', 'check_sparsity', 'ParamWeight', 'prunable_layers',
-           'unwrap_model', 'Sparsifier', 'check_links', 'check_options', 'pruned_since', 'zero_at', 'stable_order',
-           'world_size', 'mul_units', 'state_mirrors', 'keeps_zeros']
+           'unwrap_model', 'check_round_to', 'rounded_count', 'Sparsifier', 'check_links', 'check_options',
+           'pruned_since', 'zero_at', 'stable_order', 'world_size', 'mul_units', 'state_mirrors', 'keeps_zeros']
 
 # %% ../nbs/06_sparsifier.ipynb #66014b76
 import math, numbers, fnmatch, contextlib, sys, warnings, re
@@ -319,6 +319,29 @@ def unwrap_model(model:nn.Module, # a model, possibly wrapped by DDP, DataParall
         elif _compiled(model): model = model._orig_mod
         else: return model
 
+# %% ../nbs/06_sparsifier.ipynb #ad5231f3
+def check_round_to(round_to, # None, or an int >= 1
+                   granularity:str, # the sparsifier's granularity
+                   scope:str, # the sparsifier's scope
+                  ):
+    "`round_to` as an int (or None), or a clear error naming what it works with"
+    if round_to is None: return None
+    if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral) or round_to < 1:
+        raise ValueError(f"`round_to` must be an integer >= 1 (each layer keeps a multiple of it), or None; got {round_to!r}")
+    if granularity not in ('filter', 'channel'):
+        raise ValueError(f"`round_to`={round_to} rounds the channels kept by 'filter' or 'channel' masks, not by {granularity!r} ones")
+    if scope != 'local':
+        raise ValueError(f"`round_to`={round_to} needs `scope`='local' (each layer's count is rounded); in {scope!r} scope a layer's count comes from the ranking")
+    return int(round_to)
+
+def rounded_count(n:int, # groups of the layer (of the original layer, when `shrink` removed some)
+                  k:int, # groups to prune, before rounding
+                  round_to:int, # the groups kept are a multiple of this
+                 )->int: # groups to prune
+    "`k`, moved so that the `n - k` groups kept are the nearest multiple of `round_to` (at least `round_to`; none pruned while `k` is 0, or if `n` <= `round_to`)"
+    if not k or n <= round_to: return 0
+    return n - min(n, round_to * max(1, math.floor((n - k) / round_to + 0.5)))
+
 # %% ../nbs/06_sparsifier.ipynb #db128569
 _protected_ends = dict( # granularity: (the graph's method naming the layers to protect, why they are left dense)
     filter=('output_layers', "its output units are the model's outputs; include it explicitly to prune them"),
@@ -338,11 +361,13 @@ class Sparsifier:
                  reduce:str='mean', # how a group's weight scores combine: 'mean', 'sum', 'l2' or 'max'
                  sample_input=None, # an input batch, used to trace models torch.fx cannot
                  links=None, # layers pruned as one unit: lists of layer names, or `f(sparsifier)` returning them
+                 round_to:int=None, # 'filter' and 'channel', local scope: each layer keeps a multiple of this many groups (see `rounded_count`)
                 ):
         self.sparsity, self.criterion, links = check_options(sparsity, granularity, criterion, scope, reduce, layer_sparsity, links)
         if not isinstance(model, nn.Module): raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
         model = unwrap_model(model) # the names of a plain model: the same on every rank, compiled or not
         store_attr('model,granularity,scope,reduce')
+        self.round_to, self.removed, self.numel0 = check_round_to(round_to, granularity, scope), {}, {} # groups and weights `shrink` removed, per layer
         params = (granularity == 'weight' or ':' in granularity) and not getattr(self.criterion, 'needs_graph', False) \
                  and not self.criterion.needs_inputs # a ParamWeight has no input of its own
         pairs, tied, self.left_out = _collect_layers(model, include, exclude, params) # with attention and recurrent weights where they fit
@@ -518,16 +543,19 @@ def _pools(self:Sparsifier):
 
 @patch
 def group_counts(self:Sparsifier, share:float=1.)->dict:
-    "Groups to prune per pool when the target is `share` of each layer's sparsity"
+    "Groups to prune per pool when the target is `share` of each layer's sparsity (the groups `shrink` removed count towards it)"
     out = {}
     for key, us in self._pools().items():
+        r = sum(self.removed.get(u[0].name, 0) for u in us) # targets are in groups of the original layers
         if key == '*':
             gs = [u[0].grouping for u in us] # a linked set counts once
-            n = sum(g.numel for g in gs) / gs[0].per_group if gs[0].nm else sum(g.n_groups for g in gs)
-            out[key] = min(round(self.sparsity * share * n), sum(_cap(g) for g in gs))
+            n = sum(g.numel for g in gs) / gs[0].per_group if gs[0].nm else sum(g.n_groups for g in gs) + r
+            out[key] = max(0, min(round(self.sparsity * share * n), sum(_cap(g) for g in gs) + r) - r)
         else:
             gr = us[0][0].grouping
-            out[key] = min(_n_prunable(gr, us[0][0].target * share), _cap(gr))
+            k = min(round(us[0][0].target * share * (gr.n_groups + r)) if r else _n_prunable(gr, us[0][0].target * share), _cap(gr) + r)
+            if self.round_to: k = rounded_count(gr.n_groups + r, k, self.round_to)
+            out[key] = max(0, k - r)
     return out
 
 # %% ../nbs/06_sparsifier.ipynb #4b83d36c
@@ -991,10 +1019,11 @@ def clean_state(self:Sparsifier,
 def _counts(self:Sparsifier, l)->tuple:
     "(groups, groups pruned, weights masked) of pruned layer `l`, read from its mask; N:M counts weights as its groups"
     gr, m = l.grouping, self.masks.get(l.name)
-    groups = gr.numel if gr.nm else gr.n_groups
-    if m is None: return groups, 0, 0
+    r, gone = self.removed.get(l.name, 0), self.numel0.get(l.name, gr.numel) - gr.numel # groups and weights `shrink` removed
+    groups = gr.numel if gr.nm else gr.n_groups + r
+    if m is None: return groups, r, gone
     lost = m.numel() - int(np.count_nonzero(m.numpy()) if m.device.type == 'cpu' else torch.count_nonzero(m)) # numpy: ~8x faster on the CPU
-    return groups, lost, lost if gr.nm else lost * gr.per_group
+    return groups, lost + r, (lost if gr.nm else lost * gr.per_group) + gone
 
 _units_of = ('groups', 'weights')
 
@@ -1006,7 +1035,7 @@ def sparsity_achieved(self:Sparsifier,
     if of not in _units_of: raise ValueError(f"`of`={of!r} is unknown; use one of {_units_of}")
     c = [self._counts(l) for l in self.layers]
     if of == 'groups': return sum(p for _, p, _ in c) / sum(g for g, _, _ in c)
-    return sum(w for _, _, w in c) / sum(l.grouping.numel for l in self.layers)
+    return sum(w for _, _, w in c) / sum(self.numel0.get(l.name, l.grouping.numel) for l in self.layers)
 
 def _unpruned_why(mod, pname)->str:
     "Why parameter `pname` of module `mod` is not pruned, when its module was not selected"
@@ -1082,7 +1111,8 @@ def state_dict(self:Sparsifier)->dict:
                 plans={k: dict(p, tops={n: t.cpu() for n, t in p['tops'].items()}) for k, p in self.plans.items()},
                 state={k: {n: t.cpu() for n, t in s.items()} for k, s in self.state.items()},
                 layers=[l.name for l in self.layers], granularity=self.granularity, scope=self.scope,
-                criterion=repr(self.criterion), sparsity=self.sparsity, by_magnitude=sorted(self.by_magnitude))
+                criterion=repr(self.criterion), sparsity=self.sparsity, by_magnitude=sorted(self.by_magnitude),
+                removed=dict(self.removed), numel0=dict(self.numel0))
 
 @patch
 def load_state_dict(self:Sparsifier, sd:dict):
@@ -1098,6 +1128,7 @@ def load_state_dict(self:Sparsifier, sd:dict):
     self.counts = dict(sd['counts'])
     self.plans = {k: dict(p) for k, p in sd.get('plans', {}).items()}
     self.by_magnitude = set(sd.get('by_magnitude', ()))
+    self.removed, self.numel0 = dict(sd.get('removed', {})), dict(sd.get('numel0', {})) # what `shrink` removed (the model was saved shrunk)
     for k, s in sd['state'].items():
         for n, t in s.items(): self.state[k][n].copy_(t)
         if 'grads' in self.state[k] and 'grads' not in s and any(bool(t.any()) for t in s.values()):
