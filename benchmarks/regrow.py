@@ -20,8 +20,8 @@ The data, models, learning rates, batch size, epochs and seeds are those of the 
 
 ΔT: RigL's ΔT = 100 steps gives ~240 mask updates on ImageNet (32k steps, stopping at 75 %) and ~700 on CIFAR-10;
 these fits are 372 (MNIST) and 632 (CIFAR) optimizer steps long, where ΔT = 100 would give 2-4 updates and ΔT = 1 would
-leave a grown weight one step to grow before the next update. We take ΔT = total/40 (9 and 16 steps): 30 updates before
-75 %, each after ΔT steps of training. Seeds set the initial weights, the batch order and (for static, SET and RigL) the
+leave a grown weight one step to grow before the next update. We take ΔT = total/40, rounded (9 and 16 steps): 30 and 29
+updates before 75 %, each after ΔT steps of training. Seeds set the initial weights, the batch order and (for static, SET and RigL) the
 random initial mask (`RandomCriterion(seed)`).
 
 Results: benchmarks/regrow.csv (one row per fit, appended as they finish: an interrupted run resumes where it stopped),
@@ -177,8 +177,8 @@ def report(args):
              "Dynamic sparse training against static sparse training and gradual pruning, on one training budget per dataset "
              "(`benchmarks/regrow.py`; the One-Cycle reproduction's data, models, learning rates and seeds; only the conv "
              "layers pruned, each at the target, 'weight' granularity). Final validation accuracy (%), mean ± std over seeds, "
-             "best pruned method in bold. ΔT = total steps / 40 (MNIST 9, CIFAR 16 steps: 30 mask updates before 75 % for "
-             "SET and RigL, 40 for GraNet, which moves masks to the end); see the script's docstring for the protocol and why.", '']
+             "best pruned method in bold. ΔT = total steps / 40, rounded (MNIST 9, CIFAR 16 steps: 30 and 29 mask updates before "
+             "75 % for SET and RigL, 41 and 39 for GraNet, which moves masks to the end); see the script's docstring for the protocol and why.", '']
     for ds, desc in (('mnist', 'MNIST-5k, small CNN, 6 epochs'), ('cifar', 'CIFAR-10 subset, ResNet-8, 8 epochs')):
         if not len(df[df.dataset == ds]): continue
         lines += [f"**{desc}** (steps per fit: {int(df[df.dataset == ds].steps.iloc[0])}):", '', table(df, ds), '']

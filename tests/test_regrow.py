@@ -208,6 +208,20 @@ def test_gradient_growth_takes_the_largest_gradients_and_drops_the_smallest_weig
     assert not sp.plans # ...and the engine's queues are gone: its next update ranks again
 
 
+def test_per_layer_allocation_keeps_each_layer_count():
+    "A per-layer target (`layer_sparsity`, as ERK's allocation will be) is its own pool: its count is kept exactly, beside a global pool that keeps its total"
+    torch.manual_seed(0)
+    sp = Sparsifier(_mlp(), 0.9, scope='global', layer_sparsity={'0': 0.7}, criterion='random').prune()
+    before = {n: int(m.sum()) for n, m in sp.masks.items()}
+    rg = Regrow('gradient', fraction=0.5)
+    for step in range(3):
+        _grads(sp, step)
+        assert rg.update(sp, step, 100)['grown'] > 0
+    after = {n: int(m.sum()) for n, m in sp.masks.items()}
+    assert after['0'] == before['0'] and sum(after.values()) == sum(before.values())
+    assert after != before # the global pool's layers traded weights
+
+
 def test_non_finite_gradients_skip_the_update():
     torch.manual_seed(0)
     sp = Sparsifier(_mlp(), 0.9, criterion='random').prune()
