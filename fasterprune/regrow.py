@@ -8,14 +8,14 @@ Docs: https://fasterprune.github.io/fasterprune/regrow.html.md"""
 __all__ = ['growth_scores', 'drop_scores', 'decays', 'regrow_presets', 'drop_fraction', 'Regrow', 'check_regrowable',
            'check_regrow']
 
-# %% ../nbs/06c_regrow.ipynb #f32b8277
+# %% ../nbs/06c_regrow.ipynb #316b3d70
 import math, zlib
 import torch
 import torch.distributed as dist
 from fastcore.basics import store_attr, patch
 from .sparsifier import Sparsifier, world_size, state_mirrors, select_smallest, check_sparsity
 
-# %% ../nbs/06c_regrow.ipynb #23ec4f17
+# %% ../nbs/06c_regrow.ipynb #bbcf063e
 growth_scores = ('gradient', 'random')
 drop_scores = ('magnitude', 'criterion')
 decays = ('cosine', 'constant')
@@ -29,7 +29,7 @@ def drop_fraction(pos:float, # progress through the part of the run where masks 
     if decay == 'constant': return start
     return end + (start - end) * (1 + math.cos(math.pi * min(max(pos, 0.), 1.))) / 2
 
-# %% ../nbs/06c_regrow.ipynb #b1e83926
+# %% ../nbs/06c_regrow.ipynb #2fa9bf79
 def _check_choice(name, v, allowed):
     if not isinstance(v, str) or v not in allowed: raise ValueError(f"`{name}`={v!r} is unknown; use one of {allowed}")
     return v
@@ -67,7 +67,7 @@ class Regrow:
         "The drop fraction at `step`"
         return drop_fraction(step / max(1., self.stop * total), self.fraction, self.min_fraction, self.decay)
 
-# %% ../nbs/06c_regrow.ipynb #b28fb7e3
+# %% ../nbs/06c_regrow.ipynb #5c176286
 def check_regrowable(sp:Sparsifier):
     "A clear error for a sparsifier whose masks regrowth cannot move: 'weight' and N:M granularities, no linked layers"
     g = sp.granularity
@@ -129,7 +129,7 @@ def _nm_swap(ls, ms, ds, gs, frac):
         out.append(nv.reshape(-1))
     return out, k
 
-# %% ../nbs/06c_regrow.ipynb #6a6eeb74
+# %% ../nbs/06c_regrow.ipynb #2db84fa0
 @patch
 @torch.no_grad()
 def update(self:Regrow,
@@ -193,7 +193,7 @@ def explored(self:Regrow, sp:Sparsifier)->float:
         return int(sp.masks[l.name].sum()) if l.name in sp.masks else l.weight.numel()
     return sum(seen(l) for l in sp.layers) / sum(l.weight.numel() for l in sp.layers)
 
-# %% ../nbs/06c_regrow.ipynb #730f1b50
+# %% ../nbs/06c_regrow.ipynb #653dac97
 @patch
 def table(self:Regrow):
     "The updates so far, one row each: step, drop fraction, weights dropped and grown, the share of weights ever active"
@@ -213,7 +213,7 @@ def load_state_dict(self:Regrow, sd:dict):
 
 _regrow_api = ('begin', 'after_backward', 'state_dict', 'load_state_dict') # what `SparsifyCallback` calls
 
-# %% ../nbs/06c_regrow.ipynb #a3eb157a
+# %% ../nbs/06c_regrow.ipynb #1dd20fc1
 regrow_presets = dict(rigl=dict(grow='gradient'), set=dict(grow='random'),
                       granet=dict(grow='gradient', fraction=0.5, stop=1., min_fraction=0.005))
 
