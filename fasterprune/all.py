@@ -15,6 +15,7 @@ from .criteria import *
 from .graph import *
 from .sparsifier import *
 from .cadence import *
+from .regrow import *
 from .lookahead import *
 from .callback import *
 from .checkpoints import *
@@ -23,6 +24,6 @@ from .learner import *
 from .compact import *
 
 # %% ../nbs/90_all.ipynb #49045844
-_modules = ['schedules', 'granularities', 'criteria', 'graph', 'sparsifier', 'cadence', 'lookahead', 'callback', 'checkpoints', 'lottery', 'learner', 'compact']
+_modules = ['schedules', 'granularities', 'criteria', 'graph', 'sparsifier', 'cadence', 'regrow', 'lookahead', 'callback', 'checkpoints', 'lottery', 'learner', 'compact']
 __all__ = [] # filled from each module's `__all__`, in that order
 for _m in _modules: __all__ += sys.modules[f'fasterprune.{_m}'].__all__

@@ -28,6 +28,7 @@ class Pacer:
     budget = 0.02 # 'auto': the share of the step time that ranking the weights may cost (set on an instance to change it)
     min_rankings = 32 # 'auto': rank at least once in each 1/32 of a run (on short runs that beats the budget)
     max_age = 8 # 'auto': and at least once every 8 steps (scores 20 steps old were measured to cost accuracy)
+    restart = True # an int `update_every`: each ranking starts over, every pool ranked again; False: it ranks only the pools whose count changed (masks that move, `Regrow`)
     def __init__(self,
                  sparsifier:Sparsifier=None, # the engine to drive
                  schedule=one_cycle, # share of the target as a function of training progress in [0, 1]
@@ -63,7 +64,7 @@ class Pacer:
             nxt = self._next(ranked_at) if auto else None # the step of the next ranking: this ranking queues the groups to prune until then
             queue = auto and not last and nxt > ranked_at + 1 # the next step ranks anyway: no queue
             ahead = float(self.schedule(step_pos(nxt, self.total))) if queue else None
-            try: changed = self.prune_to(share, force=rank and not auto, fresh=rank, ahead=ahead)
+            try: changed = self.prune_to(share, force=rank and not auto and self.restart, fresh=rank, ahead=ahead)
             except FloatingPointError as e: raise FloatingPointError(f"{e} (at {(at() if callable(at) else at) or f'optimizer step {step}'})") from e # the engine names the layer; say when, too
             ranked = bool(self.sparsifier.ranked)
             self.n_updates += ranked

@@ -22,6 +22,7 @@ from .sparsifier import Sparsifier, check_options, unwrap_model, check_round_to
 from .cadence import Pacer
 from .lottery import check_lth, check_rewind, take_snapshot, rewind
 from .shrink import Shrinking, check_shrink
+from .regrow import check_regrow
 from .checkpoints import SparsityCheckpoint, layer_layout, carry_masks, sidecar, save_sparsity, load_sparsity # the last three importable from here too
 from .learner import check_not_meta, one_batch_inputs, optimizer_steps, fit_steps, in_fit, materialise # and with it
 from .learner import learner_keeps_zeros, mirrors_of, sparsity_history, drop_metric # fasterprune's changes to fastai's classes
@@ -51,6 +52,7 @@ class SparsifyCallback(Shrinking, SparsityCheckpoint, Pacer, Callback):
                  rewind_epoch:int=0, # the epoch whose starting weights `lth` rewinds to
                  sample_input=None, # the model's inputs for tracing its graph (default: one batch of `learn.dls`, when a graph is needed)
                  shrink:float=None, # 'filter'/'channel': remove the pruned channels from the model whenever the pruned share grows by this much, and at the end (see [shrink](shrink.html))
+                 regrow=None, # masks that move (dynamic sparse training): a `Regrow`, or 'rigl', 'set', 'granet' (see [regrow](regrow.html))
                  **kwargs, # the engine's other options: `include`, `exclude`, `layer_sparsity`, `reduce`, `links`, `round_to`
                 ):
         opts = signature(Sparsifier).bind(None, sparsity, granularity, criterion, scope, sample_input=sample_input, **kwargs) # an unknown argument: TypeError
@@ -58,6 +60,10 @@ class SparsifyCallback(Shrinking, SparsityCheckpoint, Pacer, Callback):
         self.sparsity, self.criterion, self.links = check_options(sparsity, granularity, criterion, scope, o['reduce'], o['layer_sparsity'], o['links'])
         Pacer.__init__(self, None, one_cycle if schedule is None else schedule, update_every=update_every) # `cadence`, `timing`, `n_updates`
         check_lth(lth, rewind_epoch)
+        self.regrow = check_regrow(regrow, granularity)
+        if self.regrow is not None: # masks that move: a ranking never starts over (it would undo the swaps), and by default comes at the swaps,
+            self.restart = False    # so that grown weights have `every` steps to grow before a gradual schedule ranks them
+            if self.update_every == 'auto': self.update_every = self.cadence = self.regrow.every
         for k in _engine_opts: setattr(self, k, o[k])
         store_attr('lth,rewind_epoch,sample_input')
         self.shrink = check_shrink(shrink, granularity, lth)
@@ -119,6 +125,7 @@ class SparsifyCallback(Shrinking, SparsityCheckpoint, Pacer, Callback):
         if self.lth and not self._hold: self.snapshot = check_rewind(self.rewind_epoch, self.n_epoch, start, self.snapshot)
         self._hist, self._clean_all = None, True
         self.begin(self.starts[-1], resumed=bool(start)) # a resumed fit goes on from the checkpoint's last ranking
+        if self.regrow is not None: self.regrow.begin(self, resumed=bool(start))
         self.sparsifier.apply() # whatever trained the weights since the masks were made (an interrupted `lr_find`), pruned ones are zero
         self._apply_every_step = not learner_keeps_zeros(self.learn)
         if self._hold: self._share = self._achieved / self.sparsity if self.sparsity else 0.
@@ -146,7 +153,8 @@ class SparsifyCallback(Shrinking, SparsityCheckpoint, Pacer, Callback):
         if not self._hold: self.check_loss(self.learn.loss, self._where)
 
     def after_backward(self):
-        "Zero the gradients of pruned weights (and of a pruned filter's bias and norm), so no step can move them"
+        "Zero the gradients of pruned weights (and of a pruned filter's bias and norm), so no step can move them; with `regrow`, first drop and grow when due (growth reads the dense gradients)"
+        if self.regrow is not None: self.regrow.after_backward(self)
         self.sparsifier.mask_grads()
 
     def before_step(self):

@@ -35,6 +35,7 @@ class SparsityCheckpoint:
         sd = dict(sparsifier=self.sparsifier.state_dict(), step=self.step, total=self.starts[-1],
                   cadence=self.cadence, last_update=self._last_update, share=self._share) # where 'auto' recomputes next
         if self.snapshot is not None: sd['snapshot'] = {k: v.cpu() for k, v in self.snapshot.items()}
+        if getattr(self, 'regrow', None) is not None: sd['regrow'] = self.regrow.state_dict() # its history and explored weights
         return sd
 
     def load_state_dict(self, sd:dict):
@@ -62,6 +63,7 @@ class SparsityCheckpoint:
         if self.update_every == 'auto' and sd.get('cadence'): self.cadence = sd['cadence'] # a resumed fit keeps the pace it had
         self._last_update, self._share = sd.get('last_update'), sd.get('share', self._share)
         self._clean_all = True
+        if 'regrow' in sd and getattr(self, 'regrow', None) is not None: self.regrow.load_state_dict(sd['regrow'])
         if 'snapshot' in sd:
             dev = {l.name: l.weight.device for l in self.sparsifier.layers}
             self.snapshot = {k: v.to(dev[k]) for k, v in sd['snapshot'].items()}
