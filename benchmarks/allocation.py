@@ -13,7 +13,8 @@ runs: where the budget goes is the question). The five allocations differ only i
 - global: `scope='global'`, one magnitude ranking (`large_final`) across layers;
 - lamp: `criterion='lamp'`, `scope='global'` (LAMP's layer-adaptive scores);
 - erk: `scope='erk'`, RigL's Erdős–Rényi-Kernel densities scaled to s (magnitude ranking inside each layer);
-- sensitivity: `layer_sparsity=sensitivity(...).layer_sparsity(s)` (equal validation-loss increase per layer), the curves
+- sens_sum, sens_level: `layer_sparsity=sensitivity(...).layer_sparsity(s, rule=...)`, 'sum' (least total validation-loss
+  increase: the curves' hulls taken cheapest per weight first) or 'level' (equal loss increase per layer); the curves
   measured on the dense model after ONE epoch of dense training (`fit_one_cycle(1, lr)`, same seed), magnitude
   pruning of each layer alone at 50-98 %, on the first 2 validation batches (512 images); the pruned run then starts
   again from the same initial weights. That one epoch and the measurement are extra cost the other allocations do not
@@ -41,7 +42,7 @@ OUT = S.OUT
 CSV, META, PNG = OUT / 'allocation.csv', OUT / 'allocation.json', OUT / 'allocation.png'
 SECTION = '## Layer budgets (issue 20)'
 ALLOCS = dict(uniform=dict(scope='local'), global_mag=dict(scope='global'), lamp=dict(scope='global', criterion='lamp'),
-              erk=dict(scope='erk'), sensitivity=dict(scope='local'))
+              erk=dict(scope='erk'), sens_sum=dict(scope='local', rule='sum'), sens_level=dict(scope='local', rule='level'))
 SENS_SPARSITIES, SENS_BATCHES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98), 2
 
 
@@ -59,7 +60,7 @@ def learner(dataset, data, seed, cbs=()):
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=flip + list(cbs))
 
 
-def sensitivity_targets(dataset, data, seed, sparsities):
+def sensitivity_targets(dataset, data, seed, sparsities, rule):
     "One epoch of dense training, then each layer's sensitivity: {sparsity: layer_sparsity dict}, and the CPU seconds it took"
     from fastai.callback.schedule import fit_one_cycle  # noqa: F401
     from fasterprune.allocation import sensitivity
@@ -68,7 +69,7 @@ def sensitivity_targets(dataset, data, seed, sparsities):
     with learn.no_bar(), learn.no_logging(), contextlib.redirect_stdout(io.StringIO()):
         learn.fit_one_cycle(1, S.SETUPS[dataset]['lr'])
         sens = sensitivity(learn, SENS_SPARSITIES, n_batches=SENS_BATCHES, show_progress=False)
-    return {f'{s:g}': sens.layer_sparsity(s) for s in sparsities}, time.process_time() - c0
+    return {f'{s:g}': sens.layer_sparsity(s, rule=rule) for s in sparsities}, time.process_time() - c0
 
 
 def fit_one(dataset, data, alloc, sparsity, seed, layer_sparsity=None):
@@ -76,7 +77,7 @@ def fit_one(dataset, data, alloc, sparsity, seed, layer_sparsity=None):
     from fastai.callback.schedule import fit_one_cycle  # noqa: F401
     from fasterprune.callback import SparsifyCallback
     from fasterprune.schedules import one_cycle
-    opts = dict(ALLOCS[alloc])
+    opts = dict(ALLOCS[alloc]); opts.pop('rule', None)
     cb = SparsifyCallback(sparsity, one_cycle, 'weight', opts.pop('criterion', 'large_final'), opts.pop('scope'),
                           layer_sparsity=layer_sparsity)
     learn = learner(dataset, data, seed, [cb])
@@ -118,13 +119,13 @@ def run(args):
                 for alloc in args.allocs:
                     if (ds, alloc, sp, seed) in done: continue
                     ls = None
-                    if alloc == 'sensitivity':
-                        key = f'{ds}/{seed}'
-                        got = meta.get('sensitivity', {}).get(key, {})
+                    if alloc.startswith('sens_'):
+                        key, rule = f'{ds}/{seed}', ALLOCS[alloc]['rule']
+                        got = meta.get(alloc, {}).get(key, {})
                         if f'{sp:g}' not in got.get('targets', {}):
-                            targets, cpu = sensitivity_targets(ds, data, seed, args.sparsities)
+                            targets, cpu = sensitivity_targets(ds, data, seed, args.sparsities, rule)
                             got = dict(targets=targets, cpu_s=round(cpu, 2))
-                            save_meta({'sensitivity': {key: got}}); meta = json.loads(META.read_text())
+                            save_meta({alloc: {key: got}}); meta = json.loads(META.read_text())
                         ls = got['targets'][f'{sp:g}']
                     row = fit_one(ds, data, alloc, sp, seed, ls)
                     row['threads'] = args.threads
@@ -141,7 +142,8 @@ def run(args):
 
 # ---------------------------------------------------------------- report
 
-NAMES = dict(uniform='uniform (local)', global_mag='global magnitude', lamp='LAMP (global)', erk='ERK', sensitivity='sensitivity')
+NAMES = dict(uniform='uniform (local)', global_mag='global magnitude', lamp='LAMP (global)', erk='ERK',
+             sens_sum='sensitivity, least total', sens_level='sensitivity, equal level')
 
 def summary(df):
     "Accuracy (%) mean, std and n over seeds, and the mean paired difference with uniform (same seed)"
@@ -217,7 +219,7 @@ def section_text(df, meta):
     runs = meta.get('runs', {})
     cmds = '\n'.join(f'    {c}' for c in runs) or '    python benchmarks/allocation.py run --threads 1'
     cpu = df.groupby(['dataset', 'alloc']).cpu_s.median().unstack().round(1)
-    sens_cpu = pd.Series({k: v['cpu_s'] for k, v in meta.get('sensitivity', {}).items()})
+    sens_cpu = pd.Series({k: v['cpu_s'] for a in ('sens_sum', 'sens_level') for k, v in meta.get(a, {}).items()})
     sc = ', '.join(f"{ds} {sens_cpu[[k for k in sens_cpu.index if k.startswith(ds + '/')]].median():.1f} s"
                    for ds in sorted({k.split('/')[0] for k in sens_cpu.index}))
     lt = {f'{ds} {100 * sp:g} %': layer_table(df, ds, sp) for ds, sp in sorted({(a, b) for a, b in zip(df.dataset, df.sparsity)})}

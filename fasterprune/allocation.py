@@ -8,14 +8,14 @@ Docs: https://fasterprune.github.io/fasterprune/allocation.html.md"""
 __all__ = ['check_min_keep', 'units', 'min_kept', 'max_pruned', 'erk_score', 'round_to', 'solve_level', 'erk_counts',
            'curve_counts', 'Sensitivity', 'sensitivity']
 
-# %% ../nbs/06b_allocation.ipynb #2caae012
+# %% ../nbs/06b_allocation.ipynb #0d45e5f6
 import math, numbers, types
 import numpy as np
 import torch
 import pandas as pd
 from fastcore.basics import store_attr
 
-# %% ../nbs/06b_allocation.ipynb #282438e3
+# %% ../nbs/06b_allocation.ipynb #b3ab2e00
 def check_min_keep(v, # None, a fraction in [0, 1) of each layer's groups, or an int count of groups
                    name:str='min_keep', # the argument's name, for the message
                   ):
@@ -47,7 +47,7 @@ def max_pruned(gr, min_keep=None)->int:
     if gr.nm: return min(gr.n_groups, (gr.numel - min_kept(gr, min_keep)) // gr.per_group)
     return max(0, min(gr.n_groups - 1, gr.n_groups - min_kept(gr, min_keep)))
 
-# %% ../nbs/06b_allocation.ipynb #e839f555
+# %% ../nbs/06b_allocation.ipynb #1af5dbc6
 def erk_score(shape)->float:
     "Erdős–Rényi-Kernel score of a weight of `shape`: the sum of its dims over their product (conv: $(c_{out}+c_{in}+k_h+k_w)/(c_{out} c_{in} k_h k_w)$)"
     return sum(shape) / math.prod(shape)
@@ -85,33 +85,53 @@ def erk_counts(sizes, # per layer, the units its target counts (`units(gr)`)
     eps = solve_level(lambda e: -pruned(e).sum(), -k, 0., float((1 / a).max())) # decreasing in ε: solve on its negative
     return round_to(pruned(eps), k, caps)
 
-# %% ../nbs/06b_allocation.ipynb #7f28fdf7
-def _curve(sp, d):
-    "A strictly increasing cost curve through (0, 0) and the measured (sparsity, cost increase) points (made nondecreasing; one per sparsity, the highest), extended to sparsity 1"
+# %% ../nbs/06b_allocation.ipynb #8bbbfff1
+def _curve(sp, d, beyond:float):
+    "A strictly increasing cost curve through (0, 0) and the measured (sparsity, cost increase) points (made nondecreasing; one per sparsity, the highest), then rising by `beyond` to sparsity 1"
     pts = {0.: 0.}
     for x, y in zip(np.asarray(sp, dtype=np.float64), np.asarray(d, dtype=np.float64)): pts[x] = max(pts.get(x, -np.inf), y) # capped sparsities repeat
     s = np.array(sorted(pts)); c = np.maximum.accumulate(np.array([pts[x] for x in s]))
-    tiny = 1e-9 * max(1., float(np.abs(c).max()))
-    c = c + tiny * s # strictly increasing: a flat stretch is taken from its start to its end as the level rises past it
-    if s[-1] < 1:
-        slope = max((c[-1] - c[-2]) / (s[-1] - s[-2]), tiny) if len(s) > 1 else tiny
-        s, c = np.append(s, 1.), np.append(c, c[-1] + slope * (1 - s[-1]))
+    c = c + 1e-9 * max(1., float(np.abs(c).max())) * s # strictly increasing: a flat stretch is taken from its start to its end
+    if s[-1] < 1: s, c = np.append(s, 1.), np.append(c, c[-1] + beyond) # not measured: dearer than anything measured
     return s, c
+
+def _lower_hull(p, c):
+    "The lower convex hull of the points (p, c), p increasing: the cheapest cost of pruning each amount, mixing measured points"
+    hp, hc = [], []
+    for x, y in zip(p, c):
+        while len(hp) >= 2 and (hc[-1] - hc[-2]) * (x - hp[-2]) >= (y - hc[-2]) * (hp[-1] - hp[-2]): hp.pop(); hc.pop()
+        hp.append(x); hc.append(y)
+    return np.array(hp), np.array(hc)
 
 def curve_counts(sizes, # per layer, the units its target counts (`units(gr)`)
                  curves, # per layer, (sparsities, cost increases) measured
                  caps, # per layer, the most units it may lose
                  k:int, # units to prune over all layers
+                 rule:str='sum', # 'sum': least total cost increase; 'level': the same cost increase in every layer
                 )->np.ndarray: # per layer, units to prune
-    "Equal cost per layer: each layer pruned as far as its interpolated cost increase stays under one level τ, τ set so that exactly `k` units are pruned"
+    "Units to prune per layer, exactly `k` in all, from each layer's cost curve (interpolated linearly, made nondecreasing)"
+    if rule not in ('sum', 'level'): raise ValueError(f"`rule`={rule!r} is unknown; use 'sum' or 'level'")
     u, caps = np.asarray(sizes, dtype=np.float64), np.asarray(caps, dtype=np.float64)
     if not 0 <= k <= caps.sum(): raise ValueError(f"{k} groups to prune, but the layers can lose {int(caps.sum())} at most")
-    cs = [_curve(*c) for c in curves]
-    pruned = lambda t: np.minimum(np.array([np.interp(t, c, s) for s, c in cs]) * u, caps)
-    tau = solve_level(lambda t: pruned(t).sum(), k, 0., max(c[-1] for _, c in cs))
-    return round_to(pruned(tau), k, caps.astype(np.int64))
+    beyond = 1e9 * max([1.] + [float(np.abs(np.asarray(d, dtype=np.float64)).max()) for _, d in curves if len(d)])
+    cs = [_curve(*c, beyond) for c in curves] # past the sparsities measured only when the target cannot be met without it
+    if rule == 'level': # equal cost: each layer pruned as far as its cost stays under one level τ, τ set to prune `k`
+        pruned = lambda t: np.minimum(np.array([np.interp(t, c, s) for s, c in cs]) * u, caps)
+        tau = solve_level(lambda t: pruned(t).sum(), k, 0., max(c[-1] for _, c in cs))
+        return round_to(pruned(tau), k, caps.astype(np.int64))
+    segs = [] # least total cost: the curves' convex hulls, their segments taken cheapest per unit first (a knapsack's greedy)
+    for i, (s, c) in enumerate(cs):
+        p, top = s * u[i], caps[i]
+        if p[-1] > top: p, c = np.append(p[p < top], top), np.append(c[p < top], np.interp(top, p, c))
+        hp, hc = _lower_hull(p, c)
+        segs += [((hc[j + 1] - hc[j]) / (hp[j + 1] - hp[j]), i, hp[j + 1] - hp[j]) for j in range(len(hp) - 1)]
+    x, left = np.zeros(len(u)), float(k)
+    for _, i, dp in sorted(segs, key=lambda t: t[0]): # a layer's hull segments grow steeper: they are taken in its order
+        if left <= 0: break
+        take = min(dp, left); x[i] += take; left -= take
+    return round_to(x, k, caps.astype(np.int64))
 
-# %% ../nbs/06b_allocation.ipynb #98a98724
+# %% ../nbs/06b_allocation.ipynb #662f73e4
 def _evaluate(model, batches, n_inp, loss_func, metric)->tuple:
     "Mean loss (and metric) of `model` over `batches`, weighted by batch size"
     tl = tm = n = 0.
@@ -155,10 +175,11 @@ class Sensitivity:
 
     def layer_sparsity(self,
                        sparsity:float, # global target: the share of the measured layers' groups (N:M: weights) removed
-                       by:str='loss', # 'loss' (equal loss increase per layer) or 'metric' (equal metric drop)
+                       by:str='loss', # the cost: 'loss' (its increase) or 'metric' (its drop)
+                       rule:str='sum', # 'sum': the least total cost increase (equal marginal cost per group); 'level': the same cost increase in every layer
                        min_keep='same', # the least each layer keeps: 'same' as given to `sensitivity`, None, a fraction or an int count
                       )->dict: # {layer name: sparsity}, for `layer_sparsity` of `Sparsifier` or `SparsifyCallback`
-        "Per-layer targets with an equal cost increase per layer (interpolating the curves) that prune exactly round(sparsity · total) groups"
+        "Per-layer targets from the curves that prune exactly round(sparsity · total) groups, with the least total cost increase (or the same in every layer)"
         from fasterprune.sparsifier import check_sparsity
         sparsity = check_sparsity(sparsity)
         mk = self.min_keep if isinstance(min_keep, str) and min_keep == 'same' else check_min_keep(min_keep)
@@ -168,10 +189,10 @@ class Sensitivity:
         if k > sum(caps): raise ValueError(f"`sparsity`={sparsity} prunes {k} of {sum(u):g} groups, but `min_keep`={mk!r} "
                                            f"lets these layers lose {sum(caps)} at most")
         by_layer = dict(list(c.groupby('layer', sort=False)))
-        p = curve_counts(u, [(by_layer[n].achieved.values, by_layer[n].cost.values) for n in self.sizes], caps, k)
+        p = curve_counts(u, [(by_layer[n].achieved.values, by_layer[n].cost.values) for n in self.sizes], caps, k, rule)
         return {n: float(pi / ui) for n, pi, ui in zip(self.sizes, p, u)}
 
-# %% ../nbs/06b_allocation.ipynb #842c7658
+# %% ../nbs/06b_allocation.ipynb #c9f4f7aa
 def sensitivity(learn, # a fastai `Learner`: its model, loss function and validation data
                 sparsities=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98), # the sparsities each layer is pruned to, alone
                 granularity:str='weight', # the granularity to prune with, as in `Sparsifier`

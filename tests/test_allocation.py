@@ -244,7 +244,8 @@ def test_sensitivity_restores_after_an_error():
 
 @pytest.mark.parametrize('granularity', ['weight', 'filter', '2:4'])
 @pytest.mark.parametrize('min_keep', [None, 0.1, 2])
-def test_sensitivity_targets_exact(granularity, min_keep):
+@pytest.mark.parametrize('rule', ['sum', 'level'])
+def test_sensitivity_targets_exact(granularity, min_keep, rule):
     "The curves' targets prune exactly round(s·N) in a Sparsifier, and keep `min_keep`"
     learn = learner()
     s = 0.45 if granularity == '2:4' else 0.8
@@ -252,7 +253,7 @@ def test_sensitivity_targets_exact(granularity, min_keep):
         warnings.simplefilter('ignore')
         sens = sensitivity(learn, (0.3, 0.5, 0.7, 0.9), granularity=granularity, show_progress=False, sample_input=SAMPLE,
                            min_keep=min_keep)
-    ls = sens.layer_sparsity(s)
+    ls = sens.layer_sparsity(s, rule=rule)
     sp = build(s, granularity, 'local', model=learn.model, layer_sparsity=ls, min_keep=min_keep).prune()
     c = per_layer(sp)
     assert sum(p for _, p, _ in c.values()) == expected_total(sp, s)
@@ -267,12 +268,51 @@ def test_sensitivity_bad_input():
         with pytest.raises((ValueError, TypeError), match=words): sensitivity(learn, show_progress=False, **{'sparsities': (0.5,), **kw})
     sens = sensitivity(learn, (0.5, 0.9), show_progress=False)
     with pytest.raises(ValueError, match="`by`='x'"): sens.layer_sparsity(0.5, by='x')
+    with pytest.raises(ValueError, match="`rule`='y'"): sens.layer_sparsity(0.5, rule='y')
     with pytest.raises(ValueError, match='no metric'): sens.layer_sparsity(0.5, by='metric')
     with pytest.raises(ValueError, match=r"`min_keep`=0.5 lets"): sens.layer_sparsity(0.8, min_keep=0.5)
 
 
-def test_curve_counts_equal_cost():
-    "Equal cost per layer, interpolated: the cheaper layer goes further; a flat curve is pruned first; the count is exact"
-    assert curve_counts([100, 100], [([0.5, 0.9], [0.1, 1.0]), ([0.5, 0.9], [0.0, 0.2])], [99, 99], 120).tolist() == [50, 70]
-    p = curve_counts([100, 100], [([0.5, 0.9], [0.1, 1.0]), ([0.5, 0.9], [0.0, 0.0])], [99, 80], 90)
-    assert p.tolist() == [10, 80]  # the free layer to its cap, the rest from the other
+@pytest.mark.parametrize('rule', ['sum', 'level'])
+def test_curve_counts(rule):
+    "Both rules: the cheaper layer goes further; a flat curve is pruned first, to its cap; the count is exact"
+    assert curve_counts([100, 100], [([0.5, 0.9], [0.1, 1.0]), ([0.5, 0.9], [0.0, 0.2])], [99, 99], 120, rule).tolist() == [50, 70]
+    p = curve_counts([100, 100], [([0.5, 0.9], [0.1, 1.0]), ([0.5, 0.9], [0.0, 0.0])], [99, 80], 90, rule)
+    assert p.tolist() == [10, 80]
+
+
+def test_curve_counts_sum_weighs_layer_size():
+    "Least total cost: a large layer at 0.0002 then 0.0005 per group gives all 600 before a small one at 0.001; 'level' splits"
+    curves = [([0.5, 0.9], [0.1, 0.3]), ([0.5, 0.9], [0.05, 0.5])]
+    assert curve_counts([1000, 100], curves, [999, 99], 600, 'sum').tolist() == [600, 0]
+    level = curve_counts([1000, 100], curves, [999, 99], 600, 'level')
+    assert level.sum() == 600 and level[1] > 0
+    with pytest.raises(ValueError, match="`rule`='x'"): curve_counts([10], [([0.5], [0.1])], [9], 5, 'x')
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_curve_counts_sum_is_least_total(seed):
+    "On convex random curves, the 'sum' allocation's total cost is no more than that of random exact allocations"
+    rng = np.random.default_rng(seed)
+    sp = np.array([0.25, 0.5, 0.75, 0.9])
+    sizes = [int(x) for x in rng.integers(50, 400, 4)]
+    curves = [(sp, np.cumsum(np.sort(rng.uniform(0, 1, 4))) * rng.uniform(0.1, 2)) for _ in sizes]  # convex, increasing
+    caps = [int(0.9 * n) for n in sizes]
+    k = int(0.6 * sum(sizes))
+    cost = lambda p: sum(np.interp(pi / n, np.r_[0, s], np.r_[0, c]) for pi, n, (s, c) in zip(p, sizes, curves))
+    best = cost(curve_counts(sizes, curves, caps, k, 'sum'))
+    for _ in range(200):
+        w = rng.dirichlet(np.ones(4)) * k
+        p = np.minimum(np.round(w), caps)
+        if p.sum() != k: continue
+        assert best <= cost(p) + 1e-3
+
+
+@pytest.mark.parametrize('rule', ['sum', 'level'])
+def test_curve_counts_stay_within_measured(rule):
+    "No layer goes past the highest sparsity measured while the target can be met inside it; when it cannot, the count is still exact"
+    curves = [([0.5, 0.9], [0.2, 0.4]), ([0.5, 0.9], [0.01, 0.02])]  # the second looks cheap: extrapolated, it would take all
+    p = curve_counts([1000, 1000], curves, [999, 999], 1700, rule)
+    assert p.sum() == 1700 and p.max() <= 900
+    p = curve_counts([1000, 1000], curves, [999, 999], 1900, rule)
+    assert p.sum() == 1900 and p.min() >= 900
