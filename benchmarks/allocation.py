@@ -190,10 +190,9 @@ def plot(df, path=PNG):
     axs = np.array(axs).reshape(2, -1)
     for j, (ds, sp) in enumerate(keys):
         r = t[(t.dataset == ds) & (t.sparsity == sp)].set_index('alloc').reindex([a for a in ALLOCS])
-        axs[0, j].bar(range(len(r)), r['mean'], yerr=r['std'], color=[f'C{i}' for i in range(len(r))])
+        axs[0, j].bar(range(len(r)), r['mean'], yerr=r['std'].fillna(0), capsize=3, color=[f'C{i}' for i in range(len(r))])
         axs[0, j].set_xticks(range(len(r)), [NAMES[a].split(' (')[0] for a in r.index], rotation=30, fontsize=8)
-        lo = np.nanmin(r['mean'] - r['std'])
-        axs[0, j].set_ylim(lo - 2, np.nanmax(r['mean'] + r['std']) + 1); axs[0, j].set_title(f'{ds} {100 * sp:g} %: accuracy (%)')
+        axs[0, j].set_ylim(0, 100); axs[0, j].set_title(f'{ds} {100 * sp:g} %: accuracy (%)')
         lt = layer_table(df, ds, sp)
         for i, a in enumerate(lt.columns): axs[1, j].plot(range(len(lt)), lt[a], marker='o', ms=3, label=NAMES[a], color=f'C{i}')
         axs[1, j].set_xticks(range(len(lt)), lt.index, rotation=90, fontsize=7)
@@ -214,16 +213,22 @@ def findings(t):
                    f"(mean, min to max, points): {others}.")
     return '\n'.join(out)
 
+def md_table(t, index='') -> str:
+    "A DataFrame as a markdown table (no `tabulate` needed)"
+    head = [index or t.index.name or ''] + [str(c) for c in t.columns]
+    rows = [[str(i)] + [f'{v:g}' if isinstance(v, float) else str(v) for v in r] for i, r in zip(t.index, t.values)]
+    return '\n'.join('| ' + ' | '.join(r) + ' |' for r in [head, ['---'] * len(head)] + rows)
+
 def section_text(df, meta):
     tab, t = table(df)
     runs = meta.get('runs', {})
     cmds = '\n'.join(f'    {c}' for c in runs) or '    python benchmarks/allocation.py run --threads 1'
-    cpu = df.groupby(['dataset', 'alloc']).cpu_s.median().unstack().round(1)
+    cpu = df.groupby(['dataset', 'alloc']).cpu_s.median().unstack().reindex(columns=list(ALLOCS)).round(1)
     sens_cpu = pd.Series({k: v['cpu_s'] for a in ('sens_sum', 'sens_level') for k, v in meta.get(a, {}).items()})
     sc = ', '.join(f"{ds} {sens_cpu[[k for k in sens_cpu.index if k.startswith(ds + '/')]].median():.1f} s"
                    for ds in sorted({k.split('/')[0] for k in sens_cpu.index}))
     lt = {f'{ds} {100 * sp:g} %': layer_table(df, ds, sp) for ds, sp in sorted({(a, b) for a, b in zip(df.dataset, df.sparsity)})}
-    layer_md = '\n\n'.join(f"Per-layer sparsity (%), {k}, mean over seeds:\n\n" + v.to_markdown() for k, v in lt.items() if '95' in k)
+    layer_md = '\n\n'.join(f"Per-layer sparsity (%), {k}, mean over seeds:\n\n" + md_table(v.rename(columns=NAMES), 'layer') for k, v in lt.items() if '95' in k)
     return f"""{SECTION}
 
 Commands (one torch thread; the report: `python benchmarks/allocation.py report`):
@@ -234,7 +239,8 @@ Final validation accuracy (%), mean ± std over seeds 0-2, after one `fit_one_cy
 `SparsifyCallback` (magnitude, 'weight', default cadence), every Conv and Linear weight pruned; in brackets the mean
 paired difference with uniform (same seed, points). MNIST: the 3-conv CNN, 6 epochs; CIFAR: ResNet-8 on the
 5085-image subset, 8 epochs (the issue-5 setting). Sensitivity: curves measured after one epoch of dense training on 2
-validation batches (see the script's docstring), equal loss increase per layer.
+validation batches (see the script's docstring), turned into targets with the least total loss increase ('least total',
+the default) or the same increase in every layer ('equal level').
 
 {tab}
 
@@ -243,7 +249,7 @@ validation batches (see the script's docstring), equal loss increase per layer.
 Every row pruned exactly its target count ({int(df.exact.sum())} of {len(df)} fits `exact`: round(s·N) of the pruned
 layers' weights; uniform: round(s·n) per layer). Median CPU s per fit (one thread), by allocation:
 
-{cpu.to_markdown()}
+{md_table(cpu.rename(columns=NAMES), 'dataset')}
 
 The sensitivity measurement (one dense epoch + {len(SENS_SPARSITIES)} sparsities x every layer on {SENS_BATCHES} validation
 batches), once per dataset and seed, median CPU s: {sc}.

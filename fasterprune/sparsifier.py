@@ -541,7 +541,7 @@ def _keep_best(units, g)->list:
     out = []
     for u, gi in zip(units, g):
         r = u[0].grouping.n_groups - u[0].cap # groups (N:M: blocks) the unit must keep
-        if r <= 0 or isinstance(gi, LazyScores): out.append(gi); continue # a lazy pool's layers keep their best group (`_protect_best`)
+        if r <= 0: out.append(gi); continue # (a lazy pool's scores come here one unit at a time, as tensors)
         gi = gi.clone(); flat = gi.view(-1)
         flat[flat.topk(min(r, flat.numel())).indices] = math.inf
         out.append(gi)

@@ -316,3 +316,14 @@ def test_curve_counts_stay_within_measured(rule):
     assert p.sum() == 1700 and p.max() <= 900
     p = curve_counts([1000, 1000], curves, [999, 999], 1900, rule)
     assert p.sum() == 1900 and p.min() >= 900
+
+
+def test_min_keep_in_lazy_global_pool(monkeypatch):
+    "Pools too large to keep their scores (recomputed on each pass) honour `min_keep` and the exact count too"
+    import fasterprune.sparsifier as S
+    monkeypatch.setattr(S, '_LAZY_ABOVE', 100)
+    m = net()
+    with torch.no_grad(): m[6].weight.mul_(1e-3)
+    sp = build(0.7, 'weight', 'global', model=m, min_keep=0.25).prune()
+    c = per_layer(sp)
+    assert c['6'][2] == 128 and sum(p for _, p, _ in c.values()) == expected_total(sp, 0.7)
