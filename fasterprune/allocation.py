@@ -8,14 +8,14 @@ Docs: https://fasterprune.github.io/fasterprune/allocation.html.md"""
 __all__ = ['check_min_keep', 'units', 'min_kept', 'max_pruned', 'erk_score', 'round_to', 'solve_level', 'erk_counts',
            'curve_counts', 'Sensitivity', 'sensitivity']
 
-# %% ../nbs/06b_allocation.ipynb #0d45e5f6
+# %% ../nbs/06b_allocation.ipynb #194de1b4
 import math, numbers, types
 import numpy as np
 import torch
 import pandas as pd
 from fastcore.basics import store_attr
 
-# %% ../nbs/06b_allocation.ipynb #b3ab2e00
+# %% ../nbs/06b_allocation.ipynb #bdf8299a
 def check_min_keep(v, # None, a fraction in [0, 1) of each layer's groups, or an int count of groups
                    name:str='min_keep', # the argument's name, for the message
                   ):
@@ -47,7 +47,7 @@ def max_pruned(gr, min_keep=None)->int:
     if gr.nm: return min(gr.n_groups, (gr.numel - min_kept(gr, min_keep)) // gr.per_group)
     return max(0, min(gr.n_groups - 1, gr.n_groups - min_kept(gr, min_keep)))
 
-# %% ../nbs/06b_allocation.ipynb #1af5dbc6
+# %% ../nbs/06b_allocation.ipynb #46a3299e
 def erk_score(shape)->float:
     "Erdős–Rényi-Kernel score of a weight of `shape`: the sum of its dims over their product (conv: $(c_{out}+c_{in}+k_h+k_w)/(c_{out} c_{in} k_h k_w)$)"
     return sum(shape) / math.prod(shape)
@@ -85,7 +85,7 @@ def erk_counts(sizes, # per layer, the units its target counts (`units(gr)`)
     eps = solve_level(lambda e: -pruned(e).sum(), -k, 0., float((1 / a).max())) # decreasing in ε: solve on its negative
     return round_to(pruned(eps), k, caps)
 
-# %% ../nbs/06b_allocation.ipynb #8bbbfff1
+# %% ../nbs/06b_allocation.ipynb #e6655d75
 def _curve(sp, d, beyond:float):
     "A strictly increasing cost curve through (0, 0) and the measured (sparsity, cost increase) points (made nondecreasing; one per sparsity, the highest), then rising by `beyond` to sparsity 1"
     pts = {0.: 0.}
@@ -131,7 +131,7 @@ def curve_counts(sizes, # per layer, the units its target counts (`units(gr)`)
         take = min(dp, left); x[i] += take; left -= take
     return round_to(x, k, caps.astype(np.int64))
 
-# %% ../nbs/06b_allocation.ipynb #662f73e4
+# %% ../nbs/06b_allocation.ipynb #37ee866f
 def _evaluate(model, batches, n_inp, loss_func, metric)->tuple:
     "Mean loss (and metric) of `model` over `batches`, weighted by batch size"
     tl = tm = n = 0.
@@ -192,7 +192,7 @@ class Sensitivity:
         p = curve_counts(u, [(by_layer[n].achieved.values, by_layer[n].cost.values) for n in self.sizes], caps, k, rule)
         return {n: float(pi / ui) for n, pi, ui in zip(self.sizes, p, u)}
 
-# %% ../nbs/06b_allocation.ipynb #c9f4f7aa
+# %% ../nbs/06b_allocation.ipynb #34ecc537
 def sensitivity(learn, # a fastai `Learner`: its model, loss function and validation data
                 sparsities=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98), # the sparsities each layer is pruned to, alone
                 granularity:str='weight', # the granularity to prune with, as in `Sparsifier`
