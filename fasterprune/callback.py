@@ -46,18 +46,18 @@ class SparsifyCallback(Shrinking, SparsityCheckpoint, Pacer, Callback):
                  schedule=None, # share of the target as a function of training progress in [0, 1] (default: `one_cycle`)
                  granularity:str='weight', # 'weight', 'kernel', 'filter', 'channel' or 'N:M' such as '2:4'
                  criterion='large_final', # a `Criterion`, or the name of a built-in one
-                 scope:str='local', # 'local': each layer at the target; 'global': one ranking across layers
+                 scope:str='local', # 'local': each layer at the target; 'global': one ranking across layers; 'erk': Erdős–Rényi-Kernel densities
                  update_every='auto', # 'auto': the counts follow the schedule at every step, the ranking is refreshed every `cadence` steps (~2 % of the step time); n: recompute every n steps, held in between (1: exact)
                  lth:bool=False, # lottery ticket: after each mask change, reset surviving weights to their values at `rewind_epoch`
                  rewind_epoch:int=0, # the epoch whose starting weights `lth` rewinds to
                  sample_input=None, # the model's inputs for tracing its graph (default: one batch of `learn.dls`, when a graph is needed)
                  shrink:float=None, # 'filter'/'channel': remove the pruned channels from the model whenever the pruned share grows by this much, and at the end (see [shrink](shrink.html))
                  regrow=None, # masks that move (dynamic sparse training): a `Regrow`, or 'rigl', 'set', 'granet' (see [regrow](regrow.html))
-                 **kwargs, # the engine's other options: `include`, `exclude`, `layer_sparsity`, `reduce`, `links`, `round_to`
+                 **kwargs, # the engine's other options: `include`, `exclude`, `layer_sparsity`, `reduce`, `links`, `round_to`, `min_keep`
                 ):
         opts = signature(Sparsifier).bind(None, sparsity, granularity, criterion, scope, sample_input=sample_input, **kwargs) # an unknown argument: TypeError
         opts.apply_defaults(); o = opts.arguments
-        self.sparsity, self.criterion, self.links = check_options(sparsity, granularity, criterion, scope, o['reduce'], o['layer_sparsity'], o['links'])
+        self.sparsity, self.criterion, self.links = check_options(sparsity, granularity, criterion, scope, o['reduce'], o['layer_sparsity'], o['links'], o['min_keep'])
         Pacer.__init__(self, None, one_cycle if schedule is None else schedule, update_every=update_every) # `cadence`, `timing`, `n_updates`
         check_lth(lth, rewind_epoch)
         self.regrow = check_regrow(regrow, granularity)

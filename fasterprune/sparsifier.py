@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from fastcore.basics import store_attr, patch
 from .granularities import Grouping, mul_mask, granularity_table, known_granularities, reductions, table_entry, out_units, grouping_problem
 from .criteria import Layer, large_final, get_criterion, InputHooks
+from .allocation import check_min_keep, max_pruned, units, erk_score, erk_counts
 from .graph import ModelGraph
 
 # %% ../nbs/06_sparsifier.ipynb #daa22c0a
@@ -145,7 +146,7 @@ def select_smallest(scores:list, # flat score tensors
     return [torch.from_numpy(o) for o in out] if xp is _Numpy else out
 
 # %% ../nbs/06_sparsifier.ipynb #052be2c4
-scopes = ('local', 'global')
+scopes = ('local', 'global', 'erk')
 
 def check_sparsity(v, # the value to check
                    name:str='sparsity', # the argument's name, for the message
@@ -354,7 +355,7 @@ class Sparsifier:
                  sparsity:float=0.5, # target fraction of weights (of groups) removed, in [0, 1]
                  granularity:str='weight', # 'weight', 'kernel', 'filter', 'channel' or 'N:M' such as '2:4'
                  criterion='large_final', # a `Criterion` or the name of a built-in one
-                 scope:str='local', # 'local': each layer at the target; 'global': one ranking across layers
+                 scope:str='local', # 'local': each layer at the target; 'global': one ranking across layers; 'erk': Erdős–Rényi-Kernel densities
                  include=None, # layers to prune: names, glob patterns, types or predicates (default: all Linear/Conv that fit)
                  exclude=None, # layers to leave dense, same forms
                  layer_sparsity:dict=None, # per-layer targets `{name or pattern: sparsity}`
@@ -362,8 +363,10 @@ class Sparsifier:
                  sample_input=None, # an input batch, used to trace models torch.fx cannot
                  links=None, # layers pruned as one unit: lists of layer names, or `f(sparsifier)` returning them
                  round_to:int=None, # 'filter' and 'channel', local scope: each layer keeps a multiple of this many groups (see `rounded_count`)
+                 min_keep=None, # the least each layer keeps: a fraction of its groups (float in [0, 1)) or a count of groups (int), in every scope
                 ):
-        self.sparsity, self.criterion, links = check_options(sparsity, granularity, criterion, scope, reduce, layer_sparsity, links)
+        self.sparsity, self.criterion, links = check_options(sparsity, granularity, criterion, scope, reduce, layer_sparsity, links, min_keep)
+        self.min_keep = check_min_keep(min_keep)
         if not isinstance(model, nn.Module): raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
         model = unwrap_model(model) # the names of a plain model: the same on every rank, compiled or not
         store_attr('model,granularity,scope,reduce')
@@ -402,6 +405,7 @@ class Sparsifier:
                        for (n, m), gr in zip(pairs, groupings)] # one record per pruned layer; masks and criterion state change, and live below
         for l in self.layers: l.norms = self._norms(l)
         self.units = self._units(links)
+        self._allocate() # each layer's cap (`min_keep`) and, with scope 'erk', its target
         self.state = {l.name: s for l in self.layers if (s := self.criterion.init_state(l)) is not None}
         self.masks, self.counts, self.by_magnitude, self._magnitude, self._warned = {}, {}, set(), set(), set()
         self.plans, self.ranked = {}, [] # per pool, the groups to prune next, in order; the pools the last update scored
@@ -514,10 +518,11 @@ def _units(self:Sparsifier, links):
     return units
 
 # %% ../nbs/06_sparsifier.ipynb #b26be61f
-def check_options(sparsity, granularity, criterion, scope, reduce, layer_sparsity=None, links=None)->tuple:
+def check_options(sparsity, granularity, criterion, scope, reduce, layer_sparsity=None, links=None, min_keep=None)->tuple:
     "Check the options `Sparsifier` and `SparsifyCallback` share, before any model is seen: (sparsity, the `Criterion`, links as lists)"
     sparsity, criterion = check_sparsity(sparsity), get_criterion(criterion)
     if scope not in scopes: raise ValueError(f"`scope`={scope!r} is unknown; use one of {scopes}")
+    check_min_keep(min_keep)
     if reduce not in reductions: raise ValueError(f"`reduce`={reduce!r} is unknown; use one of {reductions}")
     if not isinstance(granularity, str):
         raise TypeError(f"`granularity` must be a name, one of {known_granularities()}, got {granularity!r}")
@@ -533,7 +538,6 @@ def check_options(sparsity, granularity, criterion, scope, reduce, layer_sparsit
 def _n_prunable(gr, s):
     "round(s·n) of the n groups of `gr`; for N:M, the blocks that remove round(s·W) weights' worth"
     return round(s * gr.numel / gr.per_group) if gr.nm else round(s * gr.n_groups)
-def _cap(gr): return gr.n_groups if gr.nm else gr.n_groups - 1
 
 @patch
 def _pools(self:Sparsifier):
@@ -550,13 +554,65 @@ def group_counts(self:Sparsifier, share:float=1.)->dict:
         if key == '*':
             gs = [u[0].grouping for u in us] # a linked set counts once
             n = sum(g.numel for g in gs) / gs[0].per_group if gs[0].nm else sum(g.n_groups for g in gs) + r
-            out[key] = max(0, min(round(self.sparsity * share * n), sum(_cap(g) for g in gs) + r) - r)
+            out[key] = max(0, min(round(self.sparsity * share * n), sum(u[0].cap for u in us)) - r) # `cap`: in groups of the original layers
         else:
-            gr = us[0][0].grouping
-            k = min(round(us[0][0].target * share * (gr.n_groups + r)) if r else _n_prunable(gr, us[0][0].target * share), _cap(gr) + r)
+            l, gr = us[0][0], us[0][0].grouping
+            k = min(round(l.target * share * (gr.n_groups + r)) if r else _n_prunable(gr, l.target * share), l.cap)
             if self.round_to: k = rounded_count(gr.n_groups + r, k, self.round_to)
             out[key] = max(0, k - r)
     return out
+
+# %% ../nbs/06_sparsifier.ipynb #018d0b8d
+def _keep_best(units, g)->list:
+    "Global scope with `min_keep`: each unit's best groups, the ones it keeps at least, set to +inf so that the ranking never takes them"
+    out = []
+    for u, gi in zip(units, g):
+        r = u[0].grouping.n_groups - u[0].cap # groups (N:M: blocks) the unit must keep
+        if r <= 0: out.append(gi); continue # (a lazy pool's scores come here one unit at a time, as tensors)
+        gi = gi.clone(); flat = gi.view(-1)
+        flat[flat.topk(min(r, flat.numel())).indices] = math.inf
+        out.append(gi)
+    return out
+
+@patch
+def _erk(self:Sparsifier):
+    "Scope 'erk': each layer's target from its Erdős–Rényi-Kernel density, scaled so that the layers without their own target lose exactly round(s·N) groups"
+    us = [u for u in self.units if u[0].name not in self.local_only] # a linked set counts once, with its layers' mean score
+    if not us: return
+    n, caps = [units(u[0].grouping) for u in us], [u[0].cap for u in us]
+    k = round(self.sparsity * sum(n))
+    if k > sum(caps) and self.min_keep is None: k = sum(caps) # past every layer's last group: capped, as global scope does
+    p = erk_counts(n, [float(np.mean([erk_score(l.grouping.shape) for l in u])) for u in us], caps, k)
+    for u, pi, ni in zip(us, p, n):
+        for l in u: l.target = float(pi) / ni
+
+@patch
+def _allocate(self:Sparsifier):
+    "Each layer's cap, the most groups it may lose (`min_keep`), and with scope 'erk' its target; a clear error when `min_keep` puts the target out of reach"
+    for l in self.layers: l.cap = max_pruned(l.grouping, self.min_keep)
+    mk = f"`min_keep`={self.min_keep!r}"
+    if self.min_keep is not None: # without it, a target past a layer's last group is capped, as before
+        for key, us in self._pools().items():
+            if key != '*': continue
+            n, cap = sum(units(u[0].grouping) for u in us), sum(u[0].cap for u in us)
+            if (k := round(self.sparsity * n)) > cap:
+                raise ValueError(f"`sparsity`={self.sparsity} prunes {k} of the {n:g} groups ranked together, but {mk} lets those "
+                                 f"layers lose {cap} at most: lower `min_keep` or the sparsity")
+        if self.scope == 'erk' and (us := [u for u in self.units if u[0].name not in self.local_only]):
+            n, cap = sum(units(u[0].grouping) for u in us), sum(u[0].cap for u in us)
+            if (k := round(self.sparsity * n)) > cap:
+                raise ValueError(f"`sparsity`={self.sparsity} prunes {k} of the {n:g} groups ERK shares out, but {mk} lets those "
+                                 f"layers lose {cap} at most: lower `min_keep` or the sparsity")
+    if self.scope == 'erk': self._erk()
+    if self.min_keep is None: return
+    for l in self.layers:
+        if (self.scope == 'global' and l.name not in self.local_only) or (k := _n_prunable(l.grouping, l.target)) <= l.cap: continue
+        kept = l.grouping.n_groups - l.cap if not l.grouping.nm else l.grouping.numel - l.cap * l.grouping.per_group
+        what = 'its `layer_sparsity` entry' if l.name in self.local_only else '`sparsity`'
+        raise ValueError(f"{mk}: layer `{l.name}` keeps at least {kept} of its {l.grouping.numel if l.grouping.nm else l.grouping.n_groups} "
+                         f"{'weights' if l.grouping.nm else 'groups'}, but {what}={l.target:g} would prune {k} "
+                         f"{'blocks' if l.grouping.nm else 'groups'} (at most {l.cap}): lower `min_keep` or the target")
+
 
 # %% ../nbs/06_sparsifier.ipynb #4b83d36c
 def pruned_since(old:torch.Tensor, # a bool mask
@@ -654,7 +710,8 @@ def _group_scores(self:Sparsifier, units, scope, tops:dict=None):
         if tops is None or not l.grouping.nm: return l.grouping.reduce_scores(self._scores(l).float(), self.reduce)
         g, tops[l.name] = l.grouping.nm_split(self._scores(l).float(), self.reduce)
         return g
-    return self.criterion.normalize([_sum_scores([one(l) for l in u]) for u in units], scope)
+    g = self.criterion.normalize([_sum_scores([one(l) for l in u]) for u in units], scope)
+    return _keep_best(units, g) if scope == 'global' and self.min_keep else g # `min_keep`: each layer's best groups out of the ranking
 
 @patch
 def _waiting(self:Sparsifier, units, scope)->set:
@@ -728,7 +785,7 @@ def _plan(heads, g, pruned, ahead, scope, tops:dict=None)->dict:
     hi = _bound(arrays, need, lefts) if need > 0 else -math.inf # among the groups left (a stateful criterion's pruned ones may score high)
     us, idx, sc = [], [], []
     for i, (l, a, left) in enumerate(zip(heads, arrays, lefts)):
-        new = np.flatnonzero((a <= hi) & left) # not pruned now, taken by `ahead` (or a little later): a step past them ranks again
+        new = np.flatnonzero(((a <= hi) if hi < math.inf else (a < math.inf)) & left) # not pruned now, taken by `ahead` (or a little later): a step past them ranks again; never a group `min_keep` set to +inf
         if scope == 'global' and not l.grouping.nm and len(new) and len(new) == np.count_nonzero(left): # a layer never loses all
             new = np.delete(new, len(new) - 1 - int(np.argmax(a[new][::-1]))) # its best group left (the last of equals) stays
         us.append(np.full(len(new), i)); idx.append(new); sc.append(a[new])
@@ -802,6 +859,7 @@ def prune(self:Sparsifier, sparsity:float=None):
     if sparsity is not None:
         self.sparsity = check_sparsity(sparsity)
         for l in self.layers: l.target = l.target if l.name in self.local_only else self.sparsity
+        self._allocate()
     self.update(1., force=True)
     return self
 
