@@ -7,7 +7,7 @@ fit checkpointed after its first epoch and resumed in a new `Learner` ends with 
 and update history. DDP: two gloo CPU processes (this file run as a script, as in tests/test_reliability_ddp.py) have
 bit-identical masks at every step, and their masks moved.
 """
-import os, socket, subprocess, sys, warnings
+import os, subprocess, sys, warnings
 from functools import partial
 from pathlib import Path
 
@@ -288,15 +288,13 @@ def worker(out: Path):
     finally: dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_ddp_masks_equal_on_every_rank(tmp_path):
-    port, procs = _free_port(), []
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_reliability_ddp import free_port
+    port, procs = free_port(), []
     for r in range(2):
         env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port), 'WORLD_SIZE': '2', 'RANK': str(r),
                'LOCAL_RANK': str(r), 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
