@@ -563,11 +563,11 @@ def group_counts(self:Sparsifier, share:float=1.)->dict:
     return out
 
 # %% ../nbs/06_sparsifier.ipynb #018d0b8d
-def _keep_best(units, g)->list:
+def _keep_best(units, g, removed:dict={})->list:
     "Global scope with `min_keep`: each unit's best groups, the ones it keeps at least, set to +inf so that the ranking never takes them"
     out = []
     for u, gi in zip(units, g):
-        r = u[0].grouping.n_groups - u[0].cap # groups (N:M: blocks) the unit must keep
+        r = u[0].grouping.n_groups + removed.get(u[0].name, 0) - u[0].cap # groups (N:M: blocks) the unit must keep; `cap` counts the original layer (`shrink`)
         if r <= 0: out.append(gi); continue # (a lazy pool's scores come here one unit at a time, as tensors)
         gi = gi.clone(); flat = gi.view(-1)
         flat[flat.topk(min(r, flat.numel())).indices] = math.inf
@@ -711,7 +711,7 @@ def _group_scores(self:Sparsifier, units, scope, tops:dict=None):
         g, tops[l.name] = l.grouping.nm_split(self._scores(l).float(), self.reduce)
         return g
     g = self.criterion.normalize([_sum_scores([one(l) for l in u]) for u in units], scope)
-    return _keep_best(units, g) if scope == 'global' and self.min_keep else g # `min_keep`: each layer's best groups out of the ranking
+    return _keep_best(units, g, self.removed) if scope == 'global' and self.min_keep else g # `min_keep`: each layer's best groups out of the ranking
 
 @patch
 def _waiting(self:Sparsifier, units, scope)->set:

@@ -365,3 +365,6 @@ def test_min_keep_counts_groups_of_the_original_layer_after_a_shrink():
     l.grouping = Grouping(nn.Conv2d(l.module.in_channels, l.module.out_channels - 2, l.module.kernel_size), 'filter', l.name)
     assert {l.name: l.cap for l in sp.layers} == before # caps are in the original layers' groups
     assert sp.group_counts(1.)['*'] == full['*'] - 2 # the 2 removed count as pruned
+    g = sp._group_scores([(l,)], 'global')[0]
+    test_keep = l.grouping.n_groups + 2 - l.cap # the groups it must still keep: all in the layer left
+    assert int(torch.isinf(g).sum()) == test_keep
