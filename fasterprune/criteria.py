@@ -18,7 +18,7 @@ from torch import nn
 from fastcore.basics import store_attr
 from .graph import ChannelLink, graph_modes
 from .lookahead import lookahead_score, lookahead_normalize
-from .granularities import in_units
+from .granularities import in_units, weight_layers, table_entry
 
 # %% ../nbs/03_criteria.ipynb #33b85d93
 class Layer:
@@ -211,6 +211,16 @@ class LookaheadCriterion(Criterion):
         if g.mode == 'fx' and g.sample_input is None and missing: msg += " (a `sample_input` lets hooks find their neighbours)"
         warnings.warn(msg, stacklevel=4)
 
+    def init_state(self, layer):
+        "Refuse a model with a layer whose weight layout lookahead does not read (Hugging Face's `Conv1D` stores (in, out)): as a pruned layer or a neighbour, its norms would be taken along the wrong axis"
+        g = layer.graph
+        odd = [n for n, m in (g.modules.items() if g is not None else ()) if table_entry(m) is not None and not isinstance(m, weight_layers)]
+        if odd:
+            m = g.modules[odd[0]]
+            raise ValueError(f"`criterion`={self!r} reads the weights of nn.Linear, convolutions and transposed convolutions; "
+                             f"{len(odd)} layer(s) of this model, such as `{odd[0]}` ({type(m).__name__}, weight {list(m.weight.shape)}), "
+                             "store theirs in another layout, so their norms would be wrong as pruned layers or as neighbours. "
+                             "Use 'large_final' or 'wanda' on this model")
     def score(self, layer, state=None): return lookahead_score(layer, self.uses(layer), self.bn, self.bn_eps)
     def normalize(self, scores, scope): return lookahead_normalize(scores) if scope == 'global' else scores
 

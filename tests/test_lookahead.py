@@ -376,3 +376,19 @@ def test_view_flatten_forms():
         def forward(self, x): y = F.max_pool2d(self.c(x), 2); return self.f(y.view(-1, 8)) + self.f(y.view(y.size(0), -1))
     g = ModelGraph(Lenet())
     assert [(l.layer, l.there.tolist()) for l in g.producers('f')] == [('c', [0, 0, 0, 0, 1, 1, 1, 1])] * 2
+
+
+def test_lookahead_refuses_layers_stored_in_another_layout():
+    "Hugging Face's Conv1D stores its weight (in, out): lookahead's norms would be taken along the wrong axis, so it refuses, naming the layer"
+    from transformers import GPT2Config, GPT2LMHeadModel
+    m = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0))
+    ids = torch.randint(0, 50, (2, 8))
+    for crit in ('lookahead', 'lookahead_bn'):
+        with pytest.raises(ValueError, match=r"`transformer\.h\.0\.attn\.c_attn` \(Conv1D, weight \[32, 96\]\)"):
+            Sparsifier(m, 0.5, criterion=crit, sample_input=ids)
+    # a Linear whose neighbours are Conv1D layers is refused too: their norms feed its score
+    with pytest.raises(ValueError, match='Conv1D'): Sparsifier(m, 0.5, criterion='lookahead', include=['lm_head'], sample_input=ids)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    Sparsifier(m, 0.5, criterion='large_final').prune() # magnitude knows the layout
+    c_fc = m.transformer.h[0].mlp.c_fc.weight
+    assert (c_fc == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3) and not torch.equal(c_fc, before['transformer.h.0.mlp.c_fc.weight'])
