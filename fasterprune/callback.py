@@ -202,7 +202,7 @@ class SparsifyCallback(Shrinking, SparsityCheckpoint, Pacer, Callback):
         check_not_meta(model)
         try:
             if any(nn.parameter.is_lazy(p) for p in model.parameters()): materialise(model, self._sample_xb())
-            layout = layer_layout(model, self.include, self.exclude)
+            layout = layer_layout(model, self.include, self.exclude, self.granularity)
             new = self.sparsifier is None or self.sparsifier.model is not model
             if new: self.sparsifier = self._new_sparsifier()
             elif layout != self._layout: self._rebuild(layout)

@@ -3,6 +3,7 @@ and torchvision's ViT, timm's ViT, Hugging Face GPT-2, BERT and Llama with group
 attention, what a pruned head group zeroes and what a kept one leaves alone, masks after an update, `reduce`, the fastai
 callback, resume, and bad input."""
 import copy, math, warnings
+from pathlib import Path
 from functools import partial
 
 import pytest
@@ -19,6 +20,7 @@ from fasterprune.sparsifier import Sparsifier
 from fasterprune.attention import attention_heads
 from fasterprune.callback import SparsifyCallback
 from fasterprune.demo import digits_dls
+from fasterprune.criteria import LargeFinal
 
 torch.set_num_threads(1)
 
@@ -262,3 +264,84 @@ def test_multihead_attention_with_separate_qkv_weights():
     assert len(gone) == 2 and all(bool((group_tensors(lay, g) == 0).all()) == (g in gone) for g in range(4))
     with torch.no_grad(): ref.out_proj.weight[:, lay.units(lay.projs[-1], gone)] = 0
     torch.testing.assert_close(m(q, kv, kv)[0], ref(q, kv, kv)[0], atol=1e-5, rtol=1e-4)
+
+def test_callback_selects_attention_by_name(dls):
+    "`include` naming an attention module works through the callback (its layer layout included), and the report names the rest"
+    learn = quiet_fit(mk(dls, '.', cbs=SparsifyCallback(0.75, granularity='head', include='blocks.1.attn')), 1)
+    assert [len(pruned_groups(l)) for l in attention_heads(learn.model)] == [0, 3]
+    rep = learn.sparsify.report()
+    assert list(rep.name[:2]) == ['blocks.1.attn.qkv', 'blocks.1.attn.proj'] and list(rep.pruned[:2]) == [3, 3]
+    learn.sparsify.build() # the layout check sees the same layers: no rebuild
+    assert learn.sparsify._built_on_model_now()
+
+@pytest.mark.parametrize('crit', ['random', 'movement', 'taylor', 'lamp'])
+def test_other_criteria_and_scopes(crit):
+    m, x = build('llama'); m.train()
+    for scope in ('local', 'global', 'erk'):
+        sp = Sparsifier(m, 0.5, 'head', criterion=crit, scope=scope)
+        if sp.criterion.needs_grad:
+            m(x).last_hidden_state.square().mean().backward(); sp.accumulate(); m.zero_grad()
+        sp.prune()
+        gone = [len(pruned_groups(l)) for l in attention_heads(m)]
+        assert sum(gone) == 2 and (scope != 'local' or gone == [1, 1]), (scope, gone)
+        m, x = build('llama'); m.train()
+
+def test_optimizer_state_of_pruned_heads_is_zeroed():
+    m, x = build('timm'); m.train()
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    m(x).square().mean().backward(); opt.step()
+    sp = Sparsifier(m, 0.5, 'head').prune()
+    sp.clean_state(opt)
+    for lay in attention_heads(m):
+        g = pruned_groups(lay)
+        for p in lay.projs:
+            for st in (opt.state[p.w]['exp_avg'], opt.state[p.w]['exp_avg_sq']):
+                assert bool((st.index_select(p.dim, lay.units(p, g)) == 0).all()) and st.abs().sum() > 0
+            if p.b is not None: assert bool((opt.state[p.b]['exp_avg'][lay.units(p, g)] == 0).all())
+
+# ---------------------------------------------------------------- torch.distributed
+
+RANK_NOISE = '''class RankNoise(LargeFinal): # scores that differ between ranks: only the broadcast of rank 0's masks makes them agree
+    def score(self, layer, state=None): return torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(rank))
+    def __repr__(self): return 'rank_noise'
+'''
+
+DDP_SCRIPT = r'''
+import os, sys, torch, torch.distributed as dist
+from torch import nn
+from fasterprune.sparsifier import Sparsifier
+from fasterprune.criteria import LargeFinal
+torch.set_num_threads(1)
+rank, port, out, dist_on = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == '1'
+''' + RANK_NOISE + r'''if dist_on:
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+torch.manual_seed(0)
+m = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2, enable_nested_tensor=False)
+sp = Sparsifier(m, 0.5, 'head', criterion=RankNoise(), scope='global').prune()
+torch.save(dict(masks=sp.masks, weights=m.state_dict()), f"{out}/{rank}.pt")
+if dist_on: dist.destroy_process_group()
+'''
+
+def test_ddp_ranks_take_rank0s_head_masks(tmp_path):
+    import os, subprocess, sys
+    from test_reliability_ddp import free_port
+    script = tmp_path / 'ddp_heads.py'; script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get('PYTHONPATH', '')]), OMP_NUM_THREADS='1')
+    def run(dist_on):
+        port, d = str(free_port()), tmp_path / f'dist{dist_on}'; d.mkdir()
+        ps = [subprocess.Popen([sys.executable, str(script), str(r), port, str(d), str(int(dist_on))], env=env, stderr=subprocess.PIPE) for r in range(2)]
+        for p in ps: assert p.wait(120) == 0, p.stderr.read().decode()[-2000:]
+        return [torch.load(d / f'{r}.pt') for r in range(2)]
+    exec(RANK_NOISE, ns := dict(LargeFinal=LargeFinal, torch=torch)) # the script's criterion, here
+    def alone(rank): # negative control: without torch.distributed the two ranks choose other heads
+        ns['rank'] = rank
+        torch.manual_seed(0)
+        m = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2, enable_nested_tensor=False)
+        return dict(masks=Sparsifier(m, 0.5, 'head', criterion=ns['RankNoise'](), scope='global').prune().masks)
+    alone = [alone(0), alone(1)]
+    assert any(not torch.equal(alone[0]['masks'][k], alone[1]['masks'][k]) for k in alone[0]['masks'])
+    a, b = run(True)
+    assert all(torch.equal(a['masks'][k], b['masks'][k]) for k in a['masks'])
+    assert all(torch.equal(a['masks'][k], alone[0]['masks'][k]) for k in a['masks'])
+    assert all(torch.equal(a['weights'][k], b['weights'][k]) for k in a['weights']) # rank 1 zeroed rank 0's heads
