@@ -534,6 +534,7 @@ def check_options(sparsity, granularity, criterion, scope, reduce, layer_sparsit
         raise TypeError(f"`granularity` must be a name, one of {known_granularities()}, got {granularity!r}")
     if granularity != 'head' and not any(granularity in e['dims'] for e in granularity_table.values()) and ':' not in granularity:
         raise ValueError(f"`granularity`={granularity!r} is unknown; use one of {known_granularities()} or 'head' (attention heads)")
+    if granularity == 'head': from fasterprune.heads import check_head_options; check_head_options(criterion, links) # at construction
     if layer_sparsity is not None:
         if not isinstance(layer_sparsity, dict):
             raise TypeError(f"`layer_sparsity` must be a dict {{layer name or pattern: sparsity}}, got {layer_sparsity!r}")

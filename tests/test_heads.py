@@ -194,6 +194,12 @@ def test_include_exclude_and_layer_sparsity():
     sp = Sparsifier(m, 0.5, 'head', exclude='layers.0.self_attn.k_proj') # a weight's name selects its attention
     assert [l.name for l in sp.layers] == [f'layers.1.self_attn.{r}_proj' for r in 'qkvo']
     assert sp.left_out['layers.0.self_attn.q_proj'] == 'excluded' and 'attention heads only' in sp.left_out['layers.0.mlp.up_proj']
+    m, x = build('torch')
+    assert len(Sparsifier(m, 0.5, 'head', include=nn.MultiheadAttention).layers) == 4 # by the attention module's type
+    sp = Sparsifier(m, 0.5, 'head', include=lambda n, mod: n.startswith('layers.1')) # a predicate sees each attention module
+    assert [l.name for l in sp.layers] == ['layers.1.self_attn.in_proj_weight', 'layers.1.self_attn.out_proj']
+    with pytest.raises(ValueError, match=r"`include`: the predicate .* raised ZeroDivisionError on attention `layers.0.self_attn`"):
+        Sparsifier(m, 0.5, 'head', include=lambda n, mod: 1 / 0)
     m, x = build('timm')
     sp = Sparsifier(m, 0.5, 'head', layer_sparsity={'blocks.1.attn': 0.75}).prune()
     assert [len(pruned_groups(l)) for l in attention_heads(m)] == [2, 3]
@@ -210,6 +216,8 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"`links`.*linked already"): Sparsifier(m, 0.5, 'head', links=[['blocks.0.attn.qkv', 'blocks.1.attn.qkv']])
     with pytest.raises(ValueError, match=r"`round_to`"): Sparsifier(m, 0.5, 'head', round_to=2)
     with pytest.raises(ValueError, match=r"`shrink`.*'head'"): SparsifyCallback(0.5, granularity='head', shrink=0.1)
+    with pytest.raises(ValueError, match=r"cannot score attention heads"): SparsifyCallback(0.5, granularity='head', criterion='wanda') # at construction
+    with pytest.raises(ValueError, match=r"`links`.*linked already"): SparsifyCallback(0.5, granularity='head', links=[['a', 'b']])
     with pytest.raises(ValueError, match=r"`regrow`"): SparsifyCallback(0.5, granularity='head', regrow='rigl')
     with pytest.raises(ValueError, match=r"'head'"): Sparsifier(m, 0.5, 'heads') # a typo: the message names 'head'
     with warnings.catch_warnings():
