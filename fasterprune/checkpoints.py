@@ -28,7 +28,9 @@ def layer_layout(model, include, exclude, granularity:str=None)->dict:
     "`{name: (id(module), weight shape)}` of the layers of `model` that `include` and `exclude` select (with 'head': the weights of the attention modules they select)"
     if granularity == 'head':
         from fasterprune.heads import HeadPlan
-        include, exclude = [HeadPlan(model, large_final, include, exclude).selects], None
+        with warnings.catch_warnings(): # the sparsifier says it once
+            warnings.simplefilter('ignore')
+            include, exclude = [HeadPlan(model, large_final, include, exclude).selects], None
     return {n: (id(m), tuple(m.weight.shape)) for n, m in prunable_layers(model, include, exclude)}
 
 class SparsityCheckpoint:

@@ -7,8 +7,8 @@ Docs: https://fasterprune.github.io/fasterprune/heads.html.md"""
 # %% auto #0
 __all__ = ['HeadGrouping', 'check_head_options', 'HeadPlan']
 
-# %% ../nbs/06d_heads.ipynb #989960f1
-import fnmatch, math
+# %% ../nbs/06d_heads.ipynb #64c22fb8
+import fnmatch, math, warnings
 import torch
 from torch import nn
 from fastcore.basics import store_attr
@@ -16,13 +16,13 @@ from .granularities import Grouping, table_entry, _reduce, reductions
 from .attention import attention_heads, HeadLayout
 from .sparsifier import _check_selectors, _show
 
-# %% ../nbs/06d_heads.ipynb #6145311f
+# %% ../nbs/06d_heads.ipynb #30a79fc1
 _known = ("nn.MultiheadAttention (nn.Transformer*, torchvision's ViT), timm's `Attention` (a packed `qkv` Linear and `proj`), "
                    "Hugging Face GPT-2 (`c_attn`, `c_proj`), BERT-style attention (`self.query`, `self.key`, `self.value`, "
                    "`output.dense`) and q/k/v/o projections (`q_proj`, `k_proj`, `v_proj`, `o_proj` or `out_proj`: Llama, Mistral, "
                    "Qwen, OPT..., grouped-query attention included)")
 
-# %% ../nbs/06d_heads.ipynb #dc45c706
+# %% ../nbs/06d_heads.ipynb #d5b95989
 class HeadGrouping(Grouping):
     "The weight of some projections of attention `layout`, in groups of heads: group g is the units of key/value head g and of the query heads that share it"
     def __init__(self,
@@ -89,7 +89,7 @@ class HeadGrouping(Grouping):
 
     def __repr__(self): return f"HeadGrouping({self.layer}: {self.n_groups} head groups of {self.per_group} weights)"
 
-# %% ../nbs/06d_heads.ipynb #81162a71
+# %% ../nbs/06d_heads.ipynb #1690f0c4
 def check_head_options(criterion, # the sparsifier's `Criterion`
                        links=None, # the sparsifier's `links`: must be None
                       ):
@@ -102,7 +102,7 @@ def check_head_options(criterion, # the sparsifier's `Criterion`
         raise ValueError(f"`links`={_show(links)}: with `granularity`='head' the q, k, v and o weights of each attention are "
                          "linked already, and no other link is allowed; leave `links` out")
 
-# %% ../nbs/06d_heads.ipynb #9f32ba2f
+# %% ../nbs/06d_heads.ipynb #093e4fd8
 def _picks(arg, spec, lay)->bool:
     "Whether selector `spec` (of `include` or `exclude`) selects attention `lay`: a name or pattern of it or of one of its weights, its type, or a predicate f(name, module) on it"
     if isinstance(spec, str): return any(fnmatch.fnmatchcase(n, spec) for n in [lay.name, *(p.layer for p in lay.projs)])
@@ -139,6 +139,14 @@ class HeadPlan:
         dropped = set().union(*(hits['exclude', id(s)] for s in exc))
         self.layouts = [l for l in found if l.name in chosen and l.name not in dropped]
         if not self.layouts: raise ValueError(f"`include`={_show(include)} and `exclude`={_show(exclude)} leave no attention to prune (found: {names})")
+        if single := [f"`{l.name}`" for l in self.layouts if l.n_groups < 2]: # multi-query attention: one key/value head for all
+            said = f"{', '.join(single[:3])}{f' and {len(single) - 3} more' if len(single) > 3 else ''}"
+            if len(single) == len(self.layouts):
+                raise ValueError(f"`granularity`='head': every attention to prune ({said}) has a single head group (one key/value head "
+                                 "shared by every query head), and an attention always keeps one group: there is nothing to prune")
+            one = len(single) == 1
+            warnings.warn(f"`granularity`='head': attention {said} {'has' if one else 'have'} a single head group (one key/value head "
+                          f"shared by every query head), and an attention always keeps one group: {'it stays' if one else 'they stay'} dense", stacklevel=3)
         self.why = {p.layer: 'excluded' if l.name in dropped else 'not in `include`' for l in found if l not in self.layouts for p in l.projs}
         self.by_layer = {}
         for l in self.layouts:

@@ -353,3 +353,32 @@ def test_ddp_ranks_take_rank0s_head_masks(tmp_path):
     assert all(torch.equal(a['masks'][k], b['masks'][k]) for k in a['masks'])
     assert all(torch.equal(a['masks'][k], alone[0]['masks'][k]) for k in a['masks'])
     assert all(torch.equal(a['weights'][k], b['weights'][k]) for k in a['weights']) # rank 1 zeroed rank 0's heads
+
+def test_multi_query_attention_stays_dense_and_says_so():
+    from transformers import LlamaConfig, LlamaModel
+    torch.manual_seed(0)
+    m = LlamaModel(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, intermediate_size=64,
+                               vocab_size=50, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    with pytest.raises(ValueError, match=r"single head group.*nothing to prune"): Sparsifier(m, 0.5, 'head')
+    two = nn.ModuleDict(dict(mqa=m, enc=nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 1, enable_nested_tensor=False)))
+    with pytest.warns(UserWarning, match=r"`mqa.layers.0.self_attn`, `mqa.layers.1.self_attn` have a single head group.*they stay dense"):
+        sp = Sparsifier(two, 0.5, 'head').prune()
+    assert [len(pruned_groups(l)) for l in attention_heads(two)] == [0, 0, 2]
+
+def test_callback_warns_once_for_multi_query_attention(dls):
+    "The callback's layer-layout checks do not repeat the sparsifier's single warning"
+    from transformers import LlamaConfig, LlamaModel
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = vit()
+            self.mqa = LlamaModel(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1,
+                                              intermediate_size=64, vocab_size=50, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+        def forward(self, x): return self.vit(x)
+    learn = Learner(dls, Both(), loss_func=CrossEntropyLossFlat(), cbs=SparsifyCallback(0.5, granularity='head'))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+        learn.sparsify._built_on_model_now()
+    assert len([x for x in w if 'single head group' in str(x.message)]) == 1
+    assert [len(pruned_groups(l)) for l in attention_heads(learn.model)] == [2, 2, 0]
