@@ -7,7 +7,7 @@ Docs: https://fasterprune.github.io/fasterprune/heads.html.md"""
 # %% auto #0
 __all__ = ['HeadGrouping', 'check_head_options', 'HeadPlan']
 
-# %% ../nbs/06d_heads.ipynb #64c22fb8
+# %% ../nbs/06d_heads.ipynb #5e9706b8
 import fnmatch, math, warnings
 import torch
 from torch import nn
@@ -16,13 +16,13 @@ from .granularities import Grouping, table_entry, _reduce, reductions
 from .attention import attention_heads, HeadLayout
 from .sparsifier import _check_selectors, _show
 
-# %% ../nbs/06d_heads.ipynb #30a79fc1
+# %% ../nbs/06d_heads.ipynb #57d3b537
 _known = ("nn.MultiheadAttention (nn.Transformer*, torchvision's ViT), timm's `Attention` (a packed `qkv` Linear and `proj`), "
                    "Hugging Face GPT-2 (`c_attn`, `c_proj`), BERT-style attention (`self.query`, `self.key`, `self.value`, "
                    "`output.dense`) and q/k/v/o projections (`q_proj`, `k_proj`, `v_proj`, `o_proj` or `out_proj`: Llama, Mistral, "
                    "Qwen, OPT..., grouped-query attention included)")
 
-# %% ../nbs/06d_heads.ipynb #d5b95989
+# %% ../nbs/06d_heads.ipynb #ae4e04b6
 class HeadGrouping(Grouping):
     "The weight of some projections of attention `layout`, in groups of heads: group g is the units of key/value head g and of the query heads that share it"
     def __init__(self,
@@ -89,7 +89,7 @@ class HeadGrouping(Grouping):
 
     def __repr__(self): return f"HeadGrouping({self.layer}: {self.n_groups} head groups of {self.per_group} weights)"
 
-# %% ../nbs/06d_heads.ipynb #1690f0c4
+# %% ../nbs/06d_heads.ipynb #cbe8b6b4
 def check_head_options(criterion, # the sparsifier's `Criterion`
                        links=None, # the sparsifier's `links`: must be None
                       ):
@@ -102,7 +102,7 @@ def check_head_options(criterion, # the sparsifier's `Criterion`
         raise ValueError(f"`links`={_show(links)}: with `granularity`='head' the q, k, v and o weights of each attention are "
                          "linked already, and no other link is allowed; leave `links` out")
 
-# %% ../nbs/06d_heads.ipynb #093e4fd8
+# %% ../nbs/06d_heads.ipynb #46929c9c
 def _picks(arg, spec, lay)->bool:
     "Whether selector `spec` (of `include` or `exclude`) selects attention `lay`: a name or pattern of it or of one of its weights, its type, or a predicate f(name, module) on it"
     if isinstance(spec, str): return any(fnmatch.fnmatchcase(n, spec) for n in [lay.name, *(p.layer for p in lay.projs)])
