@@ -382,3 +382,28 @@ def test_callback_warns_once_for_multi_query_attention(dls):
         learn.sparsify._built_on_model_now()
     assert len([x for x in w if 'single head group' in str(x.message)]) == 1
     assert [len(pruned_groups(l)) for l in attention_heads(learn.model)] == [2, 2, 0]
+
+def test_gpt2_cross_attention():
+    "GPT-2's cross-attention: q in its own `q_attn`, k and v packed in `c_attn`"
+    from transformers import GPT2Config, GPT2Model
+    torch.manual_seed(0)
+    m = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0,
+                             pad_token_id=0, add_cross_attention=True)).eval()
+    ref = copy.deepcopy(m)
+    sp = Sparsifier(m, 0.5, 'head').prune()
+    assert [l.name for l in sp.layers][2:] == ['h.0.crossattention.c_attn', 'h.0.crossattention.q_attn', 'h.0.crossattention.c_proj']
+    lays = attention_heads(m)
+    for lay, rl in zip(lays, attention_heads(ref)):
+        gone = pruned_groups(lay)
+        assert len(gone) == 2 and all(bool((group_tensors(lay, g) == 0).all()) == (g in gone) for g in range(4))
+        o = rl.projs[-1]
+        with torch.no_grad(): o.w.index_fill_(o.dim, lay.units(o, gone), 0.)
+    ids, enc = torch.randint(3, 50, (2, 7)), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids, encoder_hidden_states=enc).last_hidden_state, ref(ids, encoder_hidden_states=enc).last_hidden_state)
+
+def test_lottery_ticket_rewind_keeps_heads_pruned(dls):
+    learn = quiet_fit(mk(dls, '.', cbs=SparsifyCallback(0.5, granularity='head', lth=True)), 2)
+    assert [len(pruned_groups(l)) for l in attention_heads(learn.model)] == [2, 2]
+    for l in attention_heads(learn.model):
+        for g in pruned_groups(l): assert bool((group_tensors(l, g) == 0).all())
