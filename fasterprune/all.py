@@ -15,6 +15,7 @@ from .attention import *
 from .criteria import *
 from .graph import *
 from .sparsifier import *
+from .heads import *
 from .cadence import *
 from .regrow import *
 from .lookahead import *
@@ -25,6 +26,6 @@ from .learner import *
 from .compact import *
 
 # %% ../nbs/90_all.ipynb #49045844
-_modules = ['schedules', 'granularities', 'attention', 'criteria', 'graph', 'sparsifier', 'cadence', 'regrow', 'lookahead', 'callback', 'checkpoints', 'lottery', 'learner', 'compact']
+_modules = ['schedules', 'granularities', 'attention', 'criteria', 'graph', 'sparsifier', 'heads', 'cadence', 'regrow', 'lookahead', 'callback', 'checkpoints', 'lottery', 'learner', 'compact']
 __all__ = [] # filled from each module's `__all__`, in that order
 for _m in _modules: __all__ += sys.modules[f'fasterprune.{_m}'].__all__

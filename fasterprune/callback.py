@@ -44,7 +44,7 @@ class SparsifyCallback(Shrinking, SparsityCheckpoint, Pacer, Callback):
     def __init__(self,
                  sparsity:float, # target fraction of the weights (of the groups) removed, in [0, 1]
                  schedule=None, # share of the target as a function of training progress in [0, 1] (default: `one_cycle`)
-                 granularity:str='weight', # 'weight', 'kernel', 'filter', 'channel' or 'N:M' such as '2:4'
+                 granularity:str='weight', # 'weight', 'kernel', 'filter', 'channel', 'N:M' such as '2:4', or 'head' (attention heads, see heads)
                  criterion='large_final', # a `Criterion`, or the name of a built-in one
                  scope:str='local', # 'local': each layer at the target; 'global': one ranking across layers; 'erk': Erdős–Rényi-Kernel densities
                  update_every='auto', # 'auto': the counts follow the schedule at every step, the ranking is refreshed every `cadence` steps (~2 % of the step time); n: recompute every n steps, held in between (1: exact)
@@ -202,7 +202,7 @@ class SparsifyCallback(Shrinking, SparsityCheckpoint, Pacer, Callback):
         check_not_meta(model)
         try:
             if any(nn.parameter.is_lazy(p) for p in model.parameters()): materialise(model, self._sample_xb())
-            layout = layer_layout(model, self.include, self.exclude)
+            layout = layer_layout(model, self.include, self.exclude, self.granularity)
             new = self.sparsifier is None or self.sparsifier.model is not model
             if new: self.sparsifier = self._new_sparsifier()
             elif layout != self._layout: self._rebuild(layout)

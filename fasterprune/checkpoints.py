@@ -16,6 +16,7 @@ from fastai.torch_core import rank_distrib
 from fastai.learner import Learner
 from fastai.callback.schedule import LRFinder
 from .sparsifier import prunable_layers, unwrap_model
+from .criteria import large_final
 
 # %% ../nbs/08_checkpoints.ipynb #7ffddf03
 def sidecar(file)->Path:
@@ -23,8 +24,13 @@ def sidecar(file)->Path:
     return Path(file).with_suffix('.sparsity.pth')
 
 # %% ../nbs/08_checkpoints.ipynb #587b592f
-def layer_layout(model, include, exclude)->dict:
-    "`{name: (id(module), weight shape)}` of the layers of `model` that `include` and `exclude` select"
+def layer_layout(model, include, exclude, granularity:str=None)->dict:
+    "`{name: (id(module), weight shape)}` of the layers of `model` that `include` and `exclude` select (with 'head': the weights of the attention modules they select)"
+    if granularity == 'head':
+        from fasterprune.heads import HeadPlan
+        with warnings.catch_warnings(): # the sparsifier says it once
+            warnings.simplefilter('ignore')
+            include, exclude = [HeadPlan(model, large_final, include, exclude).selects], None
     return {n: (id(m), tuple(m.weight.shape)) for n, m in prunable_layers(model, include, exclude)}
 
 class SparsityCheckpoint:
@@ -53,7 +59,7 @@ class SparsityCheckpoint:
     def _built_on_model_now(self)->bool:
         "Whether the sparsifier is built on `learn.model` as it is now (the same layers: a new head waits for the rebuild)"
         if self.sparsifier is None or self.learn is None or self.sparsifier.model is not (model := unwrap_model(self.learn.model)): return False
-        try: return layer_layout(model, self.include, self.exclude) == self._layout
+        try: return layer_layout(model, self.include, self.exclude, self.granularity) == self._layout
         except ValueError: return False
 
     def _restore(self, sd):

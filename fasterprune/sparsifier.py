@@ -353,7 +353,7 @@ class Sparsifier:
     def __init__(self,
                  model:nn.Module, # the model to prune
                  sparsity:float=0.5, # target fraction of weights (of groups) removed, in [0, 1]
-                 granularity:str='weight', # 'weight', 'kernel', 'filter', 'channel' or 'N:M' such as '2:4'
+                 granularity:str='weight', # 'weight', 'kernel', 'filter', 'channel', 'N:M' such as '2:4', or 'head' (attention heads, see heads)
                  criterion='large_final', # a `Criterion` or the name of a built-in one
                  scope:str='local', # 'local': each layer at the target; 'global': one ranking across layers; 'erk': Erdős–Rényi-Kernel densities
                  include=None, # layers to prune: names, glob patterns, types or predicates (default: all Linear/Conv that fit)
@@ -373,7 +373,13 @@ class Sparsifier:
         self.round_to, self.removed, self.numel0 = check_round_to(round_to, granularity, scope), {}, {} # groups and weights `shrink` removed, per layer
         params = (granularity == 'weight' or ':' in granularity) and not getattr(self.criterion, 'needs_graph', False) \
                  and not self.criterion.needs_inputs # a ParamWeight has no input of its own
+        heads = None
+        if granularity == 'head': # attention heads: the attention modules' q, k, v and o weights, linked (see heads)
+            from fasterprune.heads import HeadPlan
+            heads = HeadPlan(model, self.criterion, include, exclude, links, layer_sparsity)
+            include, exclude, links, layer_sparsity, params = [heads.selects], None, heads.links, heads.layer_sparsity, True
         pairs, tied, self.left_out = _collect_layers(model, include, exclude, params) # with attention and recurrent weights where they fit
+        if heads is not None: self.left_out = heads.left_out(self.left_out)
         self._cands = dict(pairs)
         if not pairs: raise ValueError(f"`model` ({type(model).__name__}) has no prunable layer (Linear, Conv or ConvTranspose with a weight)")
         explicit = bool(_check_selectors('include', include)) # layers the user named must take the granularity; the default selection adapts
@@ -381,7 +387,7 @@ class Sparsifier:
                         and (not explicit or not m.weight.numel())}
         pairs = [(n, m) for n, m in pairs if n not in self.skipped]
         self._check_left(pairs)
-        groupings = [Grouping(m, granularity, n) for n, m in pairs]
+        groupings = [Grouping(m, granularity, n) if heads is None else heads.grouping(n, m) for n, m in pairs]
         protect = None if explicit else _protected_ends.get(granularity)
         needs_graph = granularity == 'filter' or protect is not None or getattr(self.criterion, 'needs_graph', False)
         self.graph = ModelGraph(model, sample_input) if needs_graph else None
@@ -526,8 +532,9 @@ def check_options(sparsity, granularity, criterion, scope, reduce, layer_sparsit
     if reduce not in reductions: raise ValueError(f"`reduce`={reduce!r} is unknown; use one of {reductions}")
     if not isinstance(granularity, str):
         raise TypeError(f"`granularity` must be a name, one of {known_granularities()}, got {granularity!r}")
-    if not any(granularity in e['dims'] for e in granularity_table.values()) and ':' not in granularity:
-        raise ValueError(f"`granularity`={granularity!r} is unknown; use one of {known_granularities()}")
+    if granularity != 'head' and not any(granularity in e['dims'] for e in granularity_table.values()) and ':' not in granularity:
+        raise ValueError(f"`granularity`={granularity!r} is unknown; use one of {known_granularities()} or 'head' (attention heads)")
+    if granularity == 'head': from fasterprune.heads import check_head_options; check_head_options(criterion, links) # at construction
     if layer_sparsity is not None:
         if not isinstance(layer_sparsity, dict):
             raise TypeError(f"`layer_sparsity` must be a dict {{layer name or pattern: sparsity}}, got {layer_sparsity!r}")
@@ -710,7 +717,8 @@ def _group_scores(self:Sparsifier, units, scope, tops:dict=None):
         if tops is None or not l.grouping.nm: return l.grouping.reduce_scores(self._scores(l).float(), self.reduce)
         g, tops[l.name] = l.grouping.nm_split(self._scores(l).float(), self.reduce)
         return g
-    g = self.criterion.normalize([_sum_scores([one(l) for l in u]) for u in units], scope)
+    comb = lambda u, g: c([l.grouping for l in u], g, self.reduce) if (c := getattr(u[0].grouping, 'combine', None)) else _sum_scores(g) # heads: `reduce` over the unit
+    g = self.criterion.normalize([comb(u, [one(l) for l in u]) for u in units], scope)
     return _keep_best(units, g, self.removed) if scope == 'global' and self.min_keep else g # `min_keep`: each layer's best groups out of the ranking
 
 @patch
@@ -936,6 +944,7 @@ def _from_rank0(self:Sparsifier,
 @patch
 def _out_params(self:Sparsifier, l)->list:
     "The parameters a filter mask of `l` zeroes besides its weight: its bias, its tied users' biases, the norms after them"
+    if (own := getattr(l.grouping, 'out_params', None)) is not None: return list(own) # heads: the q, k, v biases
     mods = [l.module, *(m for _, m in l.tied)]
     ps = [m.bias for m in mods if isinstance(getattr(m, 'bias', None), torch.Tensor)]
     return ps + [p for bn in l.norms for p in (bn.weight, bn.bias) if p is not None]
