@@ -19,7 +19,7 @@ from .granularities import weight_layers, conv_types, conv_transpose_types
 from .graph import ModelGraph, batchnorm_types
 from .sparsifier import Sparsifier, unwrap_model
 from .attention import attention_heads
-from .compact_heads import shrink_transformer, transformer_sizes, removed_sizes, fit_transformer
+from .compact_heads import shrink_transformer, transformer_sizes, removed_sizes, fit_transformer, slim_pruners
 
 # %% ../nbs/10_compact.ipynb #d43a1108
 def coupled(sp:Sparsifier, # a sparsifier with 'filter' or 'channel' granularity
@@ -224,7 +224,8 @@ def compact(model:nn.Module, # a model whose pruned weights are zero (a `Sparsif
     sizes, heads_notes = transformer_sizes(new), shrink_transformer(new, keep) # dead heads, GPT-2 and gated MLP units: the compact_heads page
     try:
         with torch.enable_grad(): DG = tp.DependencyGraph().build_dependency(new, example_inputs=xs, verbose=False,
-                                                                              output_transform=_tensors) # a Hugging Face output holds a cache too
+                                                                              output_transform=_tensors, # a Hugging Face output holds a cache too
+                                                                              customized_pruners=slim_pruners())
     except Exception as e: # Torch-Pruning cannot trace some models (Hugging Face GPT-2): the heads removed above stay removed
         DG, heads_notes[''] = None, (f"Torch-Pruning could not trace the model ({type(e).__name__}: {e}), so no channel "
                                      "was removed; only dead attention heads and GPT-2 or gated MLP units were")

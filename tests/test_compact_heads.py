@@ -149,7 +149,7 @@ def test_gate_row_needs_act_zero():
     assert small.model.layers[0].mlp.gate_proj.out_features == 64
 
 @pytest.mark.parametrize('make,x', [(tv_vit, torch.randn(2, 3, 32, 32)), (encoder, torch.randn(2, 5, 32))], ids=['torchvision', 'nn.TransformerEncoder'])
-def test_multihead_attention_units_go_heads_stay(make, x):
+def test_multihead_attention_becomes_slim(make, x):
     m = make()
     for lay in attention_heads(m): zero_heads(lay, [2])
     mlps = mlp_blocks(m)
@@ -158,12 +158,35 @@ def test_multihead_attention_units_go_heads_stay(make, x):
     small, warned = compact_quiet(m, x)
     assert [l.width for l in mlp_blocks(small)] == [32, 32]
     assert [tuple(l.fc.weight.shape) for l in mlp_blocks(small)] == [(32, 32)] * 2
-    assert [l.n_heads for l in attention_heads(small)] == [4, 4]
-    assert len(warned) == 1 and 'cannot run with fewer heads' in warned[0]
-    assert all('cannot run with fewer heads' in small.compact_notes[l.name] for l in attention_heads(m))
-    assert n_params(m) - n_params(small) == 2 * 32 * (32 + 1 + 32)
+    lays = attention_heads(small)
+    assert [(l.kind, l.n_heads) for l in lays] == [('slim', 3)] * 2
+    assert [(tuple(l.module.in_proj_weight.shape), tuple(l.module.out_proj.weight.shape), l.module.heads_kept.tolist()) for l in lays] == [((72, 32), (32, 24), [0, 1, 3])] * 2
+    assert not any(l.name in small.compact_notes for l in lays)
+    assert n_params(m) - n_params(small) == 2 * ((3 * 8 * 33 + 8 * 32) + 32 * (32 + 1 + 32))
     torch.testing.assert_close(out(small, x), out(m, x), rtol=0, atol=1e-4)
     round_trip(small, make(), x)
+    small.train()(x).sum().backward() # it trains
+    assert lays[0].module.in_proj_weight.grad is not None
+
+def test_slim_encoder_masks():
+    "A compacted nn.TransformerEncoder with padding and causal masks computes what the original does"
+    m, x = encoder(), torch.randn(2, 5, 32)
+    zero_heads(attention_heads(m)[0], [0, 3])
+    small, _ = compact_quiet(m, x)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.no_grad():
+        for kw in [dict(src_key_padding_mask=pad), dict(mask=causal, is_causal=True), dict(mask=causal.isinf(), src_key_padding_mask=pad)]:
+            torch.testing.assert_close(small(x, **kw), m(x, **kw), rtol=0, atol=1e-4)
+
+def test_multihead_attention_with_key_bias_stays():
+    class Net(nn.Module):
+        def __init__(s): super().__init__(); s.attn = nn.MultiheadAttention(32, 4, add_bias_kv=True, batch_first=True)
+        def forward(s, x): return s.attn(x, x, x, need_weights=False)[0]
+    net = Net().eval()
+    zero_heads(attention_heads(net)[0], [1])
+    small, warned = compact_quiet(net, torch.randn(2, 5, 32))
+    assert isinstance(small.attn, nn.MultiheadAttention) and 'key/value biases' in small.compact_notes['attn']
 
 def test_all_dead_keeps_one():
     m = llama()
