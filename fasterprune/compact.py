@@ -399,6 +399,12 @@ def _how(m, pattern, before, after, dtype, note=''):
     if pattern == 'unstructured': return False, 'zeros in a dense tensor: smaller compressed, not faster'
     return False, ''
 
+def _removed_text(small):
+    "What `compact` removed from attentions and MLPs (`.compact_removed`), in words"
+    r = getattr(small, 'compact_removed', {})
+    n = {k: sum(d.get(k, 0) for d in r.values()) for k in ('heads', 'units')}
+    return ', '.join(f"{n[k]} {w} removed" for k, w in (('heads', 'attention heads'), ('units', 'MLP hidden units')) if n[k])
+
 def compact_report(model:nn.Module, # the pruned (masked) model
                    small:nn.Module=None, # its compact version (default: `model` itself)
                    example_inputs=None, # a batch, to count multiply-accumulates
@@ -420,5 +426,5 @@ def compact_report(model:nn.Module, # the pruned (masked) model
     df = pd.DataFrame(rows)
     tot = dict(name='total', type='', pattern='', params=sum(p.numel() for p in model.parameters()),
                params_after=sum(p.numel() for p in small.parameters()), macs=df.macs.sum() if macs else None,
-               macs_after=df.macs_after.sum() if macs else None, accelerable=None, how='')
+               macs_after=df.macs_after.sum() if macs else None, accelerable=None, how=_removed_text(small))
     return pd.concat([df, pd.DataFrame([tot])], ignore_index=True)
