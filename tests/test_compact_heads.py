@@ -233,3 +233,49 @@ def test_keep_leaves_heads():
     for lay in attention_heads(m): zero_heads(lay, [0])
     small, _ = compact_quiet(m, x, keep=['blocks.0.attn.qkv'])
     assert [b.attn.num_heads for b in small.blocks] == [3, 2]
+
+@pytest.mark.parametrize('seed', range(4))
+def test_random_dead_groups(seed):
+    "Any set of dead groups goes, value-only zeros included, and one group always stays; the outputs stay the same"
+    g = torch.Generator().manual_seed(seed)
+    m = llama(num_attention_heads=8, num_key_value_heads=4)
+    expect = []
+    for lay in attention_heads(m):
+        dead = (torch.rand(4, generator=g) < 0.5).nonzero().flatten().tolist()
+        for i in dead:
+            if torch.rand(1, generator=g) < 0.5: zero_heads(lay, [i])
+            else:
+                v = next(p for p in lay.projs if p.role == 'v')
+                with torch.no_grad(): v.w[lay.units(v, i)] = 0
+        expect.append(max(4 - len(dead), 1))
+    small, _ = compact_quiet(m, {'input_ids': IDS})
+    assert [l.n_kv_heads for l in attention_heads(small)] == expect
+    assert [l.self_attn.q_proj.out_features for l in small.model.layers] == [8 * e for e in expect] # 2 query heads of 4 per group
+    torch.testing.assert_close(out(small, {'input_ids': IDS}), out(m, {'input_ids': IDS}), rtol=0, atol=1e-4)
+
+def test_compact_twice():
+    "A compact model compacts again: its attentions are still found, with their new head counts"
+    m, x = vit(), torch.randn(2, 3, 32, 32)
+    zero_heads(attention_heads(m)[0], [0])
+    once, _ = compact_quiet(m, x)
+    zero_heads(attention_heads(once)[0], [1])
+    twice, _ = compact_quiet(once, x)
+    assert twice.blocks[0].attn.num_heads == 1 and twice.compact_removed == {'blocks.0.attn': {'heads': 1}}
+    torch.testing.assert_close(out(twice, x), out(once, x), rtol=0, atol=1e-4)
+    enc, xe = encoder(), torch.randn(2, 5, 32)
+    zero_heads(attention_heads(enc)[0], [0])
+    once, _ = compact_quiet(enc, xe)
+    zero_heads(attention_heads(once)[0], [2]) # the slim attention's third head: the original's head 3
+    twice, _ = compact_quiet(once, xe)
+    assert twice.layers[0].self_attn.heads_kept.tolist() == [1, 2]
+    torch.testing.assert_close(out(twice, xe), out(once, xe), rtol=0, atol=1e-4)
+    round_trip(twice, encoder(), xe)
+
+def test_sparsifier_filter_masks_on_fc1():
+    "The issue's example: half of each fc1's rows pruned by a Sparsifier go, with fc2's columns"
+    from fasterprune.sparsifier import Sparsifier
+    m, x = vit(), torch.randn(2, 3, 32, 32)
+    Sparsifier(m, 0.5, 'filter', include=['*mlp.fc1']).prune()
+    small, warned = compact_quiet(m, x)
+    assert [(b.mlp.fc1.out_features, b.mlp.fc2.in_features) for b in small.blocks] == [(384, 384)] * 2 and not warned
+    torch.testing.assert_close(out(small, x), out(m, x), rtol=0, atol=1e-4)
