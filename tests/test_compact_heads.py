@@ -279,3 +279,19 @@ def test_sparsifier_filter_masks_on_fc1():
     small, warned = compact_quiet(m, x)
     assert [(b.mlp.fc1.out_features, b.mlp.fc2.in_features) for b in small.blocks] == [(384, 384)] * 2 and not warned
     torch.testing.assert_close(out(small, x), out(m, x), rtol=0, atol=1e-4)
+
+def test_slim_decoder_and_sequence_first():
+    "nn.TransformerDecoder (self- and cross-attention, causal mask) with inputs (seq, batch, feature)"
+    class Dec(nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(32, 4, 64), 1)
+        def forward(s, tgt, mem): return s.dec(tgt, mem, tgt_mask=nn.Transformer.generate_square_subsequent_mask(tgt.shape[0]), tgt_is_causal=True)
+    m = Dec().eval()
+    lays = attention_heads(m)
+    assert [l.name for l in lays] == ['dec.layers.0.self_attn', 'dec.layers.0.multihead_attn']
+    zero_heads(lays[0], [1]); zero_heads(lays[1], [0, 2])
+    x = (torch.randn(6, 2, 32), torch.randn(4, 2, 32))
+    small, _ = compact_quiet(m, x)
+    assert [l.n_heads for l in attention_heads(small)] == [3, 2]
+    with torch.no_grad(): torch.testing.assert_close(small(*x), m(*x), rtol=0, atol=1e-4)
