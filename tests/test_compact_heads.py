@@ -295,3 +295,15 @@ def test_slim_decoder_and_sequence_first():
     small, _ = compact_quiet(m, x)
     assert [l.n_heads for l in attention_heads(small)] == [3, 2]
     with torch.no_grad(): torch.testing.assert_close(small(*x), m(*x), rtol=0, atol=1e-4)
+
+def test_llama_with_biases():
+    "q, k, v biases (Qwen-style) and MLP biases are cut with their rows"
+    m = llama(attention_bias=True, mlp_bias=True)
+    for lay in attention_heads(m): zero_heads(lay, [0])
+    for mlp in mlp_blocks(m): zero_units(mlp, range(8))
+    small, warned = compact_quiet(m, {'input_ids': IDS})
+    a, p = small.model.layers[0].self_attn, small.model.layers[0].mlp
+    assert (tuple(a.q_proj.bias.shape), tuple(a.k_proj.bias.shape), tuple(a.o_proj.bias.shape)) == ((16,), (8,), (32,))
+    assert (tuple(p.up_proj.bias.shape), tuple(p.gate_proj.bias.shape), tuple(p.down_proj.bias.shape)) == ((56,), (56,), (32,))
+    torch.testing.assert_close(out(small, {'input_ids': IDS}), out(m, {'input_ids': IDS}), rtol=0, atol=1e-4)
+    round_trip(small, llama(attention_bias=True, mlp_bias=True), {'input_ids': IDS})
