@@ -219,10 +219,13 @@ def test_matmul_with_a_free_parameter_is_not_seen_through():
     assert 'matrix product (MmBackward0)' in small.compact_notes['fc1'] and len(warned) == 1
     torch.testing.assert_close(out(small, x), out(m, x), rtol=0, atol=1e-5)
 
-def test_a_linear_own_matmul_is_seen_through():
-    "fc1 on a 3-D input is traced as view, addmm with fc1's own weight, view: fc1's dead rows go"
-    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
-    with torch.no_grad(): m[0].weight[:6] = 0; m[0].bias[:6] = 0
+@pytest.mark.parametrize('bias', [True, False])
+def test_a_linear_own_matmul_is_seen_through(bias):
+    "A Linear on a 3-D input is traced as view, addmm (mm without bias) with its own transposed weight, view: fc1's dead rows go"
+    m = nn.Sequential(nn.Linear(8, 16, bias=bias), nn.ReLU(), nn.Linear(16, 8, bias=bias))
+    with torch.no_grad():
+        m[0].weight[:6] = 0
+        if bias: m[0].bias[:6] = 0
     x = torch.randn(2, 5, 8)
     small, warned = compact_quiet(m, x)
     assert (small[0].out_features, small[2].in_features) == (10, 10) and not warned
