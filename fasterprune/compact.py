@@ -214,7 +214,7 @@ def compact(model:nn.Module, # a model whose pruned weights are zero (a `Sparsif
             check:bool=True, # compare the compact model with `model` on `example_inputs`
             atol:float=1e-4, # the largest absolute difference `check` accepts
            )->nn.Module:
-    "A physically smaller copy of `model` with its unused and zero channels removed; `.compact_notes` says why some stay"
+    "A physically smaller copy of `model` with its unused and zero channels, dead attention heads and MLP units removed; `.compact_notes` says why some stay"
     tp = _require_tp()
     model, xs = unwrap_model(model), _inputs(example_inputs)
     new, was = copy.deepcopy(model), model.training
