@@ -24,8 +24,9 @@ from .checkpoints import *
 from .lottery import *
 from .learner import *
 from .compact import *
+from .compact_heads import *
 
 # %% ../nbs/90_all.ipynb #49045844
-_modules = ['schedules', 'granularities', 'attention', 'criteria', 'graph', 'sparsifier', 'heads', 'cadence', 'regrow', 'lookahead', 'callback', 'checkpoints', 'lottery', 'learner', 'compact']
+_modules = ['schedules', 'granularities', 'attention', 'criteria', 'graph', 'sparsifier', 'heads', 'cadence', 'regrow', 'lookahead', 'callback', 'checkpoints', 'lottery', 'learner', 'compact', 'compact_heads']
 __all__ = [] # filled from each module's `__all__`, in that order
 for _m in _modules: __all__ += sys.modules[f'fasterprune.{_m}'].__all__

@@ -18,6 +18,8 @@ from fastai.learner import Learner
 from .granularities import weight_layers, conv_types, conv_transpose_types
 from .graph import ModelGraph, batchnorm_types
 from .sparsifier import Sparsifier, unwrap_model
+from .attention import attention_heads
+from .compact_heads import shrink_transformer, transformer_sizes, removed_sizes, fit_transformer, slim_pruners
 
 # %% ../nbs/10_compact.ipynb #d43a1108
 def coupled(sp:Sparsifier, # a sparsifier with 'filter' or 'channel' granularity
@@ -53,6 +55,19 @@ def _require_tp():
 
 _zero_safe = re.compile(r'(Add|Sub|Mul|Div|Neg|Relu|Hardtanh|LeakyRelu|Elu|Gelu|Silu|Hardswish|Tanh|Mean|Sum|Amax|Max|'
                         r'\w*Pool\w*|Clone|T|Transpose|Permute|Squeeze|Unsqueeze|Upsample\w*|ConstantPadNd)Backward\d*')
+
+_matmul = re.compile(r'(Addmm|Mm|Bmm|Baddbmm|Addbmm|Addmv|Mv|Dot|Vdot|Matmul)Backward\d*')
+
+def _own_matmul(DG, node):
+    "Whether traced product `node` is a Linear layer's own `x @ weight.T` (a Linear on a 3-D input is traced as view, product, view)"
+    outs = [n.module for n in node.outputs]
+    if len(outs) != 1 or not isinstance(outs[0], nn.Linear): return False
+    lin, fn = outs[0], node.grad_fn
+    after = getattr(DG.module2node[lin].grad_fn, 'next_functions', ())
+    if not after or after[0][0] is not fn: return False # the Linear's output is not a view of this very product
+    mat2 = fn.next_functions[2 if type(fn).__name__.startswith('Addmm') else 1][0] # the weight side of addmm(b, x, W.T) / mm(x, W.T)
+    acc = mat2.next_functions[0][0] if type(mat2).__name__.startswith('TBackward') else None
+    return getattr(acc, 'variable', None) is lin.weight
 
 def _abs_sum(t, keep): return t.detach().abs().transpose(0, keep).flatten(1).sum(1)
 
@@ -122,7 +137,9 @@ def _dead_channels(DG, tp, group, reach_out,
             writes_zero[roots[~z]] = False
         elif isinstance(m, tp.ops._ElementWiseOp):
             op = m._grad_fn # `x + 1` keeps no zero; it has one traced input where `x + y` has two
-            if not _zero_safe.fullmatch(op) or (op.startswith(('Add', 'Sub')) and len(node.inputs) < 2): changes_zero.append(op)
+            if _matmul.fullmatch(op): # a Linear's own product reads its channels; any other product mixes them
+                if not _own_matmul(DG, node): stop = stop or f"its channels go through a matrix product ({op}) that mixes them"
+            elif not _zero_safe.fullmatch(op) or (op.startswith(('Add', 'Sub')) and len(node.inputs) < 2): changes_zero.append(op)
         elif not isinstance(m, (tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._ReshapeOp)):
             stop = stop or f"its channels go through {_node_name(DG, m)}, which `compact` cannot see through"
     if stop: dead = None
@@ -186,7 +203,7 @@ def _outputs(model, xs):
 def _kept_warning(notes):
     "One warning naming each layer whose zero channels stay, and why"
     if not notes: return
-    items = [f"`{n}`: {w}" for n, w in notes.items()]
+    items = [f"`{n}`: {w}" if n else w for n, w in notes.items()] # '': the whole model
     more = f"; and {len(items) - 8} more" if len(items) > 8 else ""
     warnings.warn(f"`compact` could not remove the zero channels of {len(items)} layer(s) ({'; '.join(items[:8])}{more}); "
                   "`compact_notes` on the compact model and `compact_report` list them", stacklevel=3)
@@ -197,21 +214,30 @@ def compact(model:nn.Module, # a model whose pruned weights are zero (a `Sparsif
             check:bool=True, # compare the compact model with `model` on `example_inputs`
             atol:float=1e-4, # the largest absolute difference `check` accepts
            )->nn.Module:
-    "A physically smaller copy of `model` with its unused and zero channels removed; `.compact_notes` says why some stay"
+    "A physically smaller copy of `model` with its unused and zero channels, dead attention heads and MLP units removed; `.compact_notes` says why some stay"
     tp = _require_tp()
     model, xs = unwrap_model(model), _inputs(example_inputs)
     new, was = copy.deepcopy(model), model.training
     by_name, twin = dict(new.named_modules()), dict(zip(model.modules(), new.modules()))
     keep = [by_name[k] if isinstance(k, str) else twin[k] for k in (keep or [])]
     new.eval()
-    with torch.enable_grad(): DG = tp.DependencyGraph().build_dependency(new, example_inputs=xs, verbose=False)
-    reach_out, why = _output_nodes(DG), {}
-    for group in DG.get_all_groups(ignored_layers=keep, root_module_types=weight_layers):
+    sizes, heads_notes = transformer_sizes(new), shrink_transformer(new, keep) # dead heads, GPT-2 and gated MLP units: the compact_heads page
+    try:
+        with torch.enable_grad(): DG = tp.DependencyGraph().build_dependency(new, example_inputs=xs, verbose=False,
+                                                                              output_transform=_tensors, # a Hugging Face output holds a cache too
+                                                                              customized_pruners=slim_pruners())
+    except Exception as e: # Torch-Pruning cannot trace some models (Hugging Face GPT-2): the heads removed above stay removed
+        DG, heads_notes[''] = None, (f"Torch-Pruning could not trace the model ({type(e).__name__}: {e}), so no channel "
+                                     "was removed; only dead attention heads and GPT-2 or gated MLP units were")
+    reach_out, why = (_output_nodes(DG), {}) if DG else (set(), {})
+    heads = [p.module for l in attention_heads(new) if l.kind != 'torch' for p in l.projs if p.role != 'o'] # the heads' units: removed above, by whole heads
+    for group in DG.get_all_groups(ignored_layers=keep + heads, root_module_types=weight_layers) if DG else []:
         dead = _dead_channels(DG, tp, group, reach_out, why=why)
         if dead is None or not dead.any(): continue
         DG.get_pruning_group(group[0].dep.target.module, group[0].dep.handler, dead.nonzero().flatten().tolist()).prune()
     new.train(was)
-    new.compact_notes = {n: why[m] for n, m in new.named_modules() if m in why} # layer name -> why its zero channels stay
+    new.compact_notes = {n: why[m] for n, m in new.named_modules() if m in why} | heads_notes # layer name -> why its zero channels stay
+    new.compact_removed = removed_sizes(sizes, new) # attention or MLP name -> heads and hidden units removed
     if check:
         ref, out = _outputs(model, xs), _outputs(new, xs)
         diff = max(((a - b).abs().max().item() if a.shape == b.shape else math.inf for a, b in zip(ref, out)), default=0)
@@ -234,6 +260,7 @@ def load_compact(model:nn.Module, # a freshly built model of the architecture th
                  state_dict:dict, # the compact model's `state_dict`
                 )->nn.Module:
     "Resize `model`'s layers to the shapes in `state_dict` and load it strictly"
+    fit_transformer(model, state_dict) # attention head counts and `Conv1D` sizes
     for name, m in model.named_modules():
         pre = f"{name}." if name else ""
         own = {k: v for k, v in state_dict.items() if k.startswith(pre) and '.' not in k[len(pre):]}
@@ -372,6 +399,12 @@ def _how(m, pattern, before, after, dtype, note=''):
     if pattern == 'unstructured': return False, 'zeros in a dense tensor: smaller compressed, not faster'
     return False, ''
 
+def _removed_text(small):
+    "What `compact` removed from attentions and MLPs (`.compact_removed`), in words"
+    r = getattr(small, 'compact_removed', {})
+    n = {k: sum(d.get(k, 0) for d in r.values()) for k in ('heads', 'units')}
+    return ', '.join(f"{n[k]} {w} removed" for k, w in (('heads', 'attention heads'), ('units', 'MLP hidden units')) if n[k])
+
 def compact_report(model:nn.Module, # the pruned (masked) model
                    small:nn.Module=None, # its compact version (default: `model` itself)
                    example_inputs=None, # a batch, to count multiply-accumulates
@@ -393,5 +426,5 @@ def compact_report(model:nn.Module, # the pruned (masked) model
     df = pd.DataFrame(rows)
     tot = dict(name='total', type='', pattern='', params=sum(p.numel() for p in model.parameters()),
                params_after=sum(p.numel() for p in small.parameters()), macs=df.macs.sum() if macs else None,
-               macs_after=df.macs_after.sum() if macs else None, accelerable=None, how='')
+               macs_after=df.macs_after.sum() if macs else None, accelerable=None, how=_removed_text(small))
     return pd.concat([df, pd.DataFrame([tot])], ignore_index=True)
