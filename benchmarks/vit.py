@@ -14,7 +14,8 @@ to the last, `large_final` (magnitude), each layer at the target ('local'). Meth
   hidden units;
 - 2:4: `SparsifyCallback(0.5, granularity='2:4', include='blocks.*')`: every Linear layer of the encoder blocks.
 After the fit, heads and heads+mlp are compacted (`compact`), which checks that the small model's outputs equal the
-masked model's; the table gives its parameters, its multiply-accumulates per image (`count_macs`) and its CPU forward
+masked model's; the table gives its parameters, its multiply-accumulates per image (`count_macs`: Linear and convolution layers;
+attention's own products, which shrink with the heads too, are not counted) and its CPU forward
 time against the dense architecture's (batch 64, one thread, process CPU time, median of interleaved repeats; wall beside).
 2:4 gives no CPU speed-up: its row reports the share of Linear weights in a valid 2:4 pattern, and the GPU latency table
 (`benchmarks/compact.py`) is for a machine with an NVIDIA GPU.
@@ -87,6 +88,12 @@ def cpu_latency(models, x, reps=15):
                 cpu[i].append(time.process_time() - c0); wall[i].append(time.perf_counter() - t0)
     return [float(np.median(c)) for c in cpu], [float(np.median(w)) for w in wall]
 
+def markdown(df):
+    "A DataFrame as a markdown table (without the optional `tabulate`)"
+    cols = [df.index.name or ''] + [str(c) for c in df.columns]
+    rows = [[str(i)] + [str(v) for v in r] for i, r in zip(df.index, df.itertuples(index=False))]
+    return '\n'.join(['| ' + ' | '.join(cols) + ' |', '|---' * len(cols) + '|'] + ['| ' + ' | '.join(r) + ' |' for r in rows])
+
 def n_params(m): return sum(p.numel() for p in m.parameters())
 
 def fit_one(data, method, seed, epochs=None, lr=None):
@@ -150,6 +157,7 @@ def table(df):
     def ms(c, f=1, d=2): return g[c].agg(lambda v: f"{f * v.mean():.{d}f} ± {f * v.std(ddof=1):.{d}f}" if len(v) > 1 else f"{f * v.mean():.{d}f}")
     t = pd.DataFrame({'seeds': g.seed.count(), 'accuracy %': ms('acc', 100), 'heads pruned %': ms('heads_pruned', 100, 1),
                       'MLP units pruned %': ms('fc1_pruned', 100, 1), 'in 2:4 pattern %': ms('nm_valid', 100, 1)})
+    t.loc[t.index != '2:4', 'in 2:4 pattern %'] = '' # zero rows of pruned heads count as 2:4 blocks too: shown for the 2:4 run only
     return t.reindex([m for m in METHODS if m in t.index])
 
 def compact_table(df):
@@ -173,15 +181,15 @@ def section_text(df, meta):
         f"{meta['threads']} torch thread, torch {meta['torch']}.",
         '', __doc__.split('\n\n')[2].strip(), '',
         'Accuracy on the 1017 test images (mean ± std over seeds); the pruned shares are measured from the weights after the fit:', '',
-        t.to_markdown(), '',
+        markdown(t), '',
         'Accuracy minus dense, per seed (points): ' + '; '.join(f"{m} {gap(m)}" for m in METHODS[1:]) + '.', '',
         'The compacted models (medians over seeds; the dense architecture is the masked model before compaction):', '',
-        c.to_markdown(), '',
+        markdown(c), '',
         '2:4 on GPU: not measured here (no NVIDIA GPU was available); `benchmarks/compact.py` has the latency code path.'])
 
 def report(args):
     df, meta = pd.read_csv(CSV), json.loads(META.read_text())
-    print(table(df).to_markdown()); print(compact_table(df).to_markdown())
+    print(markdown(table(df))); print(markdown(compact_table(df)))
     write_section(SECTION, section_text(df, meta))
 
 if __name__ == '__main__':
