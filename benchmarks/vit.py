@@ -55,14 +55,11 @@ def callbacks(method, sparsity):
     return cbs
 
 def head_share(model):
-    "Share of the attention heads whose output-projection columns are all zero (measured from the weights)"
+    "Share of the attention head groups whose output is exactly zero (`dead_groups`: measured from the weights)"
     from fasterprune.attention import attention_heads
-    dead = total = 0
-    for lay in attention_heads(model):
-        o = lay.projs[-1]
-        for g in range(lay.n_groups):
-            dead += int((o.w.index_select(o.dim, lay.units(o, g)) == 0).all()); total += 1
-    return dead / total
+    from fasterprune.compact_heads import dead_groups
+    dead = [dead_groups(lay)[0] for lay in attention_heads(model)]
+    return float(sum(d.sum() for d in dead) / sum(len(d) for d in dead))
 
 def fc1_share(model):
     "Share of the MLP hidden units whose fc1 row (and bias) is all zero"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from fastcore.basics import patch
+from .granularities import _is_conv1d
 
 # %% ../nbs/02a_attention.ipynb #42662dde
 @dataclass
@@ -84,8 +85,6 @@ def _timm(name, m, mods):
     if qkv.out_features != 3 * H * d or proj.in_features != H * d: return None
     return HeadLayout(name, m, 'timm', H, H, d, [Proj(f"{p}qkv", qkv, r, 0, i * H * d) for i, r in enumerate('qkv')]
                       + [Proj(f"{p}proj", proj, 'o', 1)])
-
-def _is_conv1d(m): return any(t.__name__ == 'Conv1D' and t.__module__.startswith('transformers') for t in type(m).__mro__)
 
 def _gpt2(name, m, mods):
     "Hugging Face's GPT-2 attention: q, k, v packed in a `Conv1D` `c_attn` (weight stored (in, out)), `c_proj`, `num_heads`, `head_dim`"

@@ -18,7 +18,7 @@ from torch import nn
 from fastcore.basics import store_attr
 from .graph import ChannelLink, graph_modes
 from .lookahead import lookahead_score, lookahead_normalize
-from .granularities import in_units, weight_layers, table_entry
+from .granularities import in_units, weight_layers, table_entry, _is_conv1d
 
 # %% ../nbs/03_criteria.ipynb #33b85d93
 class Layer:
@@ -236,7 +236,7 @@ def _wanda_kind(m)->str|None:
     "'linear' (features on the input's last dim, weight (out, in)), 'conv1d' (Hugging Face: weight (in, out)), 'conv' (channels), or None"
     if isinstance(m, nn.Linear): return 'linear'
     if isinstance(m, nn.modules.conv._ConvNd): return 'conv'
-    if any(t.__name__ == 'Conv1D' and t.__module__ == 'transformers.pytorch_utils' for t in type(m).__mro__): return 'conv1d'
+    if _is_conv1d(m): return 'conv1d'
     return None
 
 def _feature_dim(m, x)->int:

@@ -88,6 +88,10 @@ granularity_table = LayerTable({
 # %% ../nbs/02_granularities.ipynb #531c6617
 def _in_out(m): return tuple(m.weight.shape) # (in, out)
 
+def _is_conv1d(m)->bool:
+    "Whether `m` is (a subclass of) Hugging Face's `Conv1D`, whose weight is stored (in, out), without importing transformers"
+    return any(t.__name__ == 'Conv1D' and t.__module__ == 'transformers.pytorch_utils' for t in type(m).__mro__)
+
 granularity_table.add_lazy('transformers.pytorch_utils', 'Conv1D',
                            dict(view=_no_view, in_dim=0, dims=dict(weight=(), filter=(0,), channel=(1,)), units=_in_out))
 
