@@ -118,9 +118,11 @@ def make_cbs(kind):
     return [SparsifyCallback(kw.pop('sparsity'), one_cycle, **kw)]
 
 def held_bytes(cb):
-    "Bytes the callback holds: masks, criterion state, lottery-ticket weights"
+    "Bytes the callback holds: masks, criterion state, lottery-ticket weights, any queue or indices the engine kept"
     sp = cb.sparsifier
     ts = list(sp.masks.values()) + [t for s in sp.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    ts += [t for p in sp.plans.values() for v in p.values() for t in (v.values() if isinstance(v, dict) else [v]) if isinstance(t, torch.Tensor)]
+    ts += [t for t in sp.pruned_now.values() if isinstance(t, torch.Tensor)]
     ts += [t for t in (cb.snapshot or {}).values() if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in ts)
 
@@ -346,7 +348,7 @@ def main():
             f"rankings is `cb.n_updates` (rankings in the fit; with `update_every=1`, every step), max gap is "
             f"`cb.max_gap` (largest |target − achieved| sparsity over the fit's training batches, in the Recorder column's "
             f"units); these three come from the last repetition, — where the callback does not report them. memory ÷ params "
-            f"is the bytes the callback holds after the fit (bool masks, criterion state, any weight copy) divided by the "
+            f"is the bytes the callback holds after the fit (bool masks, criterion state, any weight copy, any queue of groups or indices the engine kept) divided by the "
             f"model's parameter bytes. {fa}\n\n{table(rows)}\n\n"
             f"Where the time goes: milliseconds of process CPU time per call of the engine calls the callback makes, "
             f"{args.threads} torch thread{'s' if args.threads > 1 else ''}, on a fresh model with random gradients: `update` "

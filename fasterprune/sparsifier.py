@@ -644,7 +644,8 @@ def _per_weight(l, m)->bool:
     w = l.module.weight
     return (l.grouping.name == 'weight' or bool(l.grouping.nm)) and m.numel() == w.numel() and w.is_contiguous() and m.device == w.device
 
-_FEW = 64 # indices are kept for at most 1/64 of a layer's weights (8 bytes each): more, and the layer's whole mask is applied (1/16 broke the memory bound of tests/test_reliability_scale.py)
+_FEW = 64 # indices found here are kept for at most 1/64 of a layer's weights (8 bytes each): more, and the layer's whole mask is applied (1/16 broke the memory bound of tests/test_reliability_scale.py)
+_FEW_GIVEN = 8 # indices a queue gives (made anyway) are kept for up to 1/8: below that, zeroing by index beats multiplying by the mask
 
 @patch
 def _set_mask(self:Sparsifier, l, m, idx=None):
@@ -652,7 +653,7 @@ def _set_mask(self:Sparsifier, l, m, idx=None):
     o = self.masks.get(l.name)
     if o is None or not _per_weight(l, m) or o.shape != m.shape or o.device != m.device: idx = None
     elif idx is None: idx = pruned_since(o, m, most=m.numel() // _FEW)
-    self.pruned_now[l.name] = idx if idx is not None and len(idx) <= m.numel() // _FEW else None
+    self.pruned_now[l.name] = idx if idx is not None and len(idx) <= m.numel() // _FEW_GIVEN else None
     self.masks[l.name] = m
 
 @patch
@@ -753,7 +754,7 @@ def _queue(self:Sparsifier, units, scope, ahead:int):
     heads = [u[0] for u in units]
     kept = [self.masks[l.name].reshape(-1) if l.name in self.masks else torch.ones(l.grouping.n_groups, dtype=torch.bool, device=l.weight.device)
             for l in heads]
-    return _plan(heads, self._group_scores(units, scope), [~k for k in kept], ahead, scope)
+    return _plan(heads, self._group_scores(units, scope), kept, ahead, scope)
 
 @patch
 def _kept_now(self:Sparsifier, heads):
@@ -785,10 +786,10 @@ def _bound(arrays:list, k:int, lefts:list)->float:
     q = min(1., k / max(1, sum(np.count_nonzero(l) for l in lefts)))
     return _Numpy.kth(sample, 1 + min(m - 1, int((q + 4 * math.sqrt(q * (1 - q) / m) + 2 / m) * m)))
 
-def _plan(heads, g, pruned, ahead, scope, tops:dict=None)->dict:
-    "The queue: the groups `pruned` does not hold, up to a bound on the scores `g` of the `ahead` - k next ones, in the order selections take them"
+def _plan(heads, g, lefts, ahead, scope, tops:dict=None)->dict:
+    "The queue: the groups `lefts` marks (those not pruned), up to a bound on the scores `g` of the `ahead` - k next ones, in the order selections take them"
     arrays = [gi.detach().reshape(-1).float().cpu().numpy() for gi in g] # numpy views on the CPU: several times faster
-    lefts = [~b.cpu().numpy() for b in pruned]
+    lefts = [b.reshape(-1).cpu().numpy() for b in lefts]
     need = ahead - sum(len(l) - np.count_nonzero(l) for l in lefts) # groups to queue: `ahead` less those pruned now
     hi = _bound(arrays, need, lefts) if need > 0 else -math.inf # among the groups left (a stateful criterion's pruned ones may score high)
     us, idx, sc = [], [], []
@@ -814,12 +815,12 @@ def _select(self:Sparsifier, units, k, scope, ahead:int=None):
     pruned = select_smallest(g, k, kept)
     if scope == 'global' and any(_all(p) for l, p in zip(heads, pruned) if not l.grouping.nm): # the sample's bound missed: rare
         g = _protect_best(heads, g); pruned = select_smallest(g, k, kept)
-    plan = None
+    keeps, pruned, plan = [p.logical_not_() for p in pruned], None, None # in place: True = kept
     if ahead is not None and ahead > k and not lazy:
-        plan = _plan(heads, g, pruned, ahead, scope, {l.name: tops[l.name] for u in units for l in u if l.name in tops})
+        plan = _plan(heads, g, keeps, ahead, scope, {l.name: tops[l.name] for u in units for l in u if l.name in tops})
     kept = None # let the old masks go as the new ones are made: memory stays near the masks' size
     for i, u in enumerate(units):
-        keep, pruned[i] = pruned[i].logical_not_(), None # in place, and let go as we go: memory stays near the masks' size
+        keep, keeps[i] = keeps[i], None # let go as we go: memory stays near the masks' size
         for j, l in enumerate(u):
             top = tops.pop(l.name, None) if not lazy else None
             si = self._scores(l) if l.grouping.nm and top is None else None # N:M masks need the weight scores again
@@ -886,6 +887,7 @@ def _from_plan(self:Sparsifier, key, units, k)->bool:
         for l in units[u]: # a new mask, not the old one changed: whoever holds the old masks sees what changed
             m = self.masks[l.name].clone()
             if l.grouping.nm: l.grouping.prune_blocks(m, sel, p['tops'][l.name])
+            elif m.device.type == 'cpu': m.numpy().reshape(-1)[idx[a:b]] = False # numpy's index set: twice torch's
             else: m.view(-1)[sel.to(m.device)] = False
             self._set_mask(l, m, sel if l.grouping.name == 'weight' else None) # a 'weight' group's index is its weight's
     p['at'] = k
