@@ -217,8 +217,10 @@ def profile(model_name, n_steps=50):
     set_seed(0)
     model = MODELS[model_name]()
     out = {FIRST: first_global(model)}
-    for p in model.parameters(): p.grad = torch.randn_like(p)
-    for scope in ('local', 'global'):
+    for scope in ('local', 'global'): # each on fresh weights (not those the other scope pruned)
+        set_seed(0)
+        model = MODELS[model_name]()
+        for p in model.parameters(): p.grad = torch.randn_like(p)
         sp = Sparsifier(model, 0.9, 'weight', large_final, scope)
         shares = [one_cycle(i / (n_steps - 1)) for i in range(n_steps)]
         out[f'update ({scope}, counts change)'] = cpu_ms(lambda i: sp.update(shares[i]), n_steps)

@@ -773,28 +773,51 @@ def stable_order(x:np.ndarray, # flat float32 scores, all finite
     key.sort()
     return (key & np.uint64(0xffffffff)).astype(np.int64)
 
-def _bound(arrays:list, k:int, lefts:list)->float:
-    "A value at or above the `k`-th smallest of the entries of `arrays` that `lefts` marks (exact on small ones; else a sample's upper bound, missed only rarely)"
+def _bound(arrays:list, k:int, lefts:list)->tuple:
+    "A value at or above the `k`-th smallest of the entries of `arrays` that `lefts` marks (exact on small ones; else a sample's upper bound, missed only rarely), and whether the sample holds it more than once"
     n = sum(len(a) for a in arrays)
     if n <= _SMALL:
         v = np.concatenate([a[l] for a, l in zip(arrays, lefts)])
-        return _Numpy.kth(v, min(k, len(v))) if len(v) else math.inf
+        return (_Numpy.kth(v, min(k, len(v))) if len(v) else math.inf), False
     stride = max(1, n // _SAMPLE)
     sample = np.concatenate([a[::stride][l[::stride]] for a, l in zip(arrays, lefts)])
     m = len(sample)
-    if not m: return math.inf
+    if not m: return math.inf, False
     q = min(1., k / max(1, sum(np.count_nonzero(l) for l in lefts)))
-    return _Numpy.kth(sample, 1 + min(m - 1, int((q + 4 * math.sqrt(q * (1 - q) / m) + 2 / m) * m)))
+    hi = _Numpy.kth(sample, 1 + min(m - 1, int((q + 4 * math.sqrt(q * (1 - q) / m) + 2 / m) * m)))
+    return hi, bool(np.count_nonzero(sample == hi) > 1)
+
+_TIES = 1 << 12 # a queue with this many more candidates than twice the groups it needs takes only the ties it needs
+
+def _first_true(m:np.ndarray, r:int)->np.ndarray:
+    "The flat indices of the first `r` True entries of bool array `m` (all of them if fewer), reading no more of it than needed"
+    out, s, step = [], 0, max(r, 1 << 12)
+    while r > 0 and s < len(m):
+        i = np.flatnonzero(m[s:s + step])[:r] + s
+        out.append(i); r -= len(i); s += step; step *= 2
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+def _cut_ties(arrays:list, lefts:list, hi:float, need:int)->list:
+    "Per array, the flat indices `lefts` marks with scores below `hi`, then of those equal to `hi` only as many as `need` asks, the earlier array and index first (the tie rule of `select_smallest`)"
+    below = [np.flatnonzero((a < hi) & l) for a, l in zip(arrays, lefts)]
+    r, out = need - sum(len(b) for b in below), []
+    for a, l, b in zip(arrays, lefts, below):
+        eq = _first_true((a == hi) & l, r)
+        r -= len(eq)
+        out.append(np.sort(np.concatenate([b, eq])) if len(eq) else b)
+    return out
 
 def _plan(heads, g, lefts, ahead, scope, tops:dict=None)->dict:
     "The queue: the groups `lefts` marks (those not pruned), up to a bound on the scores `g` of the `ahead` - k next ones, in the order selections take them"
     arrays = [gi.detach().reshape(-1).float().cpu().numpy() for gi in g] # numpy views on the CPU: several times faster
     lefts = [b.reshape(-1).cpu().numpy() for b in lefts]
     need = ahead - sum(len(l) - np.count_nonzero(l) for l in lefts) # groups to queue: `ahead` less those pruned now
-    hi = _bound(arrays, need, lefts) if need > 0 else -math.inf # among the groups left (a stateful criterion's pruned ones may score high)
+    hi, tied = _bound(arrays, need, lefts) if need > 0 else (-math.inf, False) # among the groups left (a stateful criterion's pruned ones may score high)
+    news = None if tied else [np.flatnonzero(((a <= hi) if hi < math.inf else (a < math.inf)) & left) for a, left in zip(arrays, lefts)] # not pruned now, taken by `ahead` (or a little later): a step past them ranks again; never a group `min_keep` set to +inf
+    if hi < math.inf and (tied or sum(len(x) for x in news) > 2 * need + _TIES): # a block of equal scores at the bound (weights already zero that no mask holds): not all of it
+        news = _cut_ties(arrays, lefts, hi, need)
     us, idx, sc = [], [], []
-    for i, (l, a, left) in enumerate(zip(heads, arrays, lefts)):
-        new = np.flatnonzero(((a <= hi) if hi < math.inf else (a < math.inf)) & left) # not pruned now, taken by `ahead` (or a little later): a step past them ranks again; never a group `min_keep` set to +inf
+    for i, (l, a, left, new) in enumerate(zip(heads, arrays, lefts, news)):
         if scope == 'global' and not l.grouping.nm and len(new) and len(new) == np.count_nonzero(left): # a layer never loses all
             new = np.delete(new, len(new) - 1 - int(np.argmax(a[new][::-1]))) # its best group left (the last of equals) stays
         us.append(np.full(len(new), i)); idx.append(new); sc.append(a[new])

@@ -490,3 +490,53 @@ def test_stable_order_is_numpys_stable_argsort(seed):
     x[rng.integers(0, len(x), 20)] = -np.inf
     np.testing.assert_array_equal(stable_order(x), np.argsort(x, kind='stable'))
     assert stable_order(x[:0]).shape == (0,) and stable_order(x[:1]).tolist() == [0]
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_queue_takes_only_the_ties_it_needs(seed, monkeypatch):
+    """A block of equal scores at the queue's bound (weights already exactly zero that no mask holds: a model pruned
+    before, loaded into a new sparsifier) is cut to the groups the queue needs, and its first groups are still exactly
+    those of a stable sort of every group left"""
+    from types import SimpleNamespace
+    from fasterprune import sparsifier as S
+    rng = np.random.default_rng(seed)
+    arrays = [np.abs(rng.standard_normal(n)).astype(np.float32) for n in (30_000, 5_000, 50_000)]
+    for a in arrays: a[rng.random(len(a)) < 0.7] = 0. # 70 % exact zeros
+    arrays[1][:100] = arrays[0][7] # and a run of some other equal score
+    lefts = [rng.random(len(a)) < 0.9 for a in arrays]
+    heads = [SimpleNamespace(grouping=SimpleNamespace(nm=None))] * 3
+    pruned = sum(len(l) - int(l.sum()) for l in lefts)
+    flat, left = np.concatenate(arrays), np.concatenate(lefts)
+    ref = np.flatnonzero(left)[np.argsort(flat[left], kind='stable')] # every group left, in the selection's order
+    offsets = np.cumsum([0] + [len(a) for a in arrays])
+    for ties in (S._TIES, 0): # the sample sees the ties; and the count after the fact finds them
+        monkeypatch.setattr(S, '_TIES', ties)
+        for need in (1, 500, 20_000, 60_000):
+            p = S._plan(heads, [torch.from_numpy(a) for a in arrays], [torch.from_numpy(l) for l in lefts], pruned + need, 'local')
+            got = offsets[p['unit'].numpy()] + p['group'].numpy()
+            assert len(got) >= need and len(got) <= 2 * need + S._TIES + 200, (need, len(got)) # not the 70 % of zeros
+            np.testing.assert_array_equal(got[:need], ref[:need])
+
+
+@pytest.mark.parametrize('scope', ['local', 'global'])
+def test_ranking_a_model_pruned_before_gives_the_full_selections_masks(scope):
+    "A model whose weights are mostly exact zeros before its sparsifier exists: the queue's masks are the full selection's at every step, and no queue holds the zeros it will not take"
+    from fasterprune.sparsifier import _TIES
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10))
+    with torch.no_grad():
+        for m in model[::2]: m.weight.mul_(torch.rand_like(m.weight) > 0.8) # 80 % zero, held by no mask
+    twin = copy.deepcopy(model)
+    sp, ref = (Sparsifier(m, 0.9, 'weight', 'large_final', scope, include='*') for m in (model, twin))
+    g = torch.Generator().manual_seed(1)
+    for i in range(20):
+        s, nxt = (i / 19) ** 2, min(1., ((i + 3) / 19) ** 2)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), twin.parameters()):
+                d = torch.randn(p.shape, generator=g) * 0.01 * (p != 0); p.add_(d); q.add_(d) # the zeros stay zero
+        sp.apply(); ref.apply()
+        sp.update(s, fresh=True, ahead=nxt)
+        ref.update(s, force=True)
+        for k in ref.masks: assert torch.equal(sp.masks[k], ref.masks[k]), (i, k)
+        want = sp.group_counts(nxt)
+        for key, p in sp.plans.items(): assert len(p['unit']) <= 2 * (want[key] - p['base']) + _TIES, (i, key, len(p['unit']))
