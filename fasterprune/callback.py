@@ -191,7 +191,7 @@ class SparsifyCallback(Shrinking, SparsityCheckpoint, Pacer, Callback):
         self.sparsifier.stop_observing() # no hook stays on the model after a fit
         drop_metric(self.learn, self._measure)
         self.sparsifier.apply() # whatever else moved the weights
-        self.sparsifier.plans, self.sparsifier.pruned_now = {}, {} # the queue and the last step's indices: let go (a next fit ranks again)
+        self.sparsifier._drop_queues() # the queue and the last step's indices: let go (a next fit ranks again)
         self._maybe_shrink(end=True)
         self.snapshot = None
         self._end_of_fit = self._measure() # a checkpoint `SaveModelCallback` loads now is compared with it

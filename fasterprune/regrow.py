@@ -166,7 +166,7 @@ def update(self:Regrow,
         for t in [w.data, *f(w)]: t.masked_fill_(swapped.to(t.device), 0) # dropped and grown weights at zero, their state clean
         sp.masks[name] = m
         self.ever[name] = self.ever.get(name, old) | m
-    if new: sp.plans, sp.pruned_now = {}, {} # the engine's queues assumed masks that only grow: ranked again at its next update
+    if new: sp._drop_queues() # the engine's queues assumed masks that only grow: ranked again at its next update
     row = dict(step=step, fraction=frac, dropped=dropped, grown=grown, explored=self.explored(sp), skipped='')
     self.history.append(row)
     return row

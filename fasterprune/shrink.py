@@ -156,7 +156,7 @@ def cut_sparsifier(sp:Sparsifier, # the sparsifier whose model `shrink_model` cu
         l.grouping = new
     pools = sp._pools() # the counts now: the groups the masks prune in the layers left
     sp.counts = {k: sum(int((~sp.masks[u[0].name]).sum()) for u in us) for k, us in pools.items() if k in sp.counts}
-    sp.plans, sp.pruned_now = {}, {}
+    sp._drop_queues()
 
 # %% ../nbs/10a_shrink.ipynb #a4013c1b
 def check_shrink(shrink, # None, or a share of the groups in (0, 1]

@@ -916,6 +916,11 @@ def _from_plan(self:Sparsifier, key, units, k)->bool:
     p['at'] = k
     return True
 
+@patch
+def _drop_queues(self:Sparsifier):
+    "Forget the queues and the last update's new indices (masks changed another way, or a fit ended): the next update ranks again"
+    self.plans, self.pruned_now = {}, {}
+
 
 # %% ../nbs/06_sparsifier.ipynb #b3a3cd17
 _BIG_STEP = 8 # `_rank_left` sorts the groups it queues: for more than 1/8 of a pool, the full selection is faster
